@@ -1,0 +1,51 @@
+import os
+
+import pytest
+import torch
+import yaml
+
+from tvlib.models import PRESETS, check_sae_fits, get_preset, load_sae
+
+
+def sae_catalogue():
+    import sae_lens
+    path = os.path.join(os.path.dirname(sae_lens.__file__), "pretrained_saes.yaml")
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+@pytest.mark.parametrize("name", [n for n, p in PRESETS.items() if p.sae_release])
+def test_public_presets_exist_in_installed_sae_lens_catalogue(name):
+    preset = PRESETS[name]
+    release = sae_catalogue()[preset.sae_release]
+    ids = {entry["id"] for entry in release["saes"]}
+    for block in preset.sae_layers:
+        assert preset.sae_id.format(layer=block) in ids
+
+
+def test_resid_post_presets_convert_to_resid_pre():
+    gemma = get_preset("gemma-2b")
+    assert gemma.sae_site == "resid_post"
+    assert gemma.resid_pre_layers_with_sae() == (1, 7, 11, 13, 18)
+    assert get_preset("gpt2").resid_pre_layers_with_sae() == tuple(range(12))
+
+
+def test_toy_saes_load_offline_and_fit(toy_lm):
+    for layer in get_preset("toy").sae_layers:
+        sae = load_sae("toy", layer)
+        check_sae_fits(sae, toy_lm)
+        assert sae.cfg.metadata.site == "resid_pre" and sae.cfg.metadata.layer == layer
+        assert sae.cfg.architecture() == "gated"
+        x = torch.randn(3, sae.cfg.d_in)
+        assert sae.decode(sae.encode(x)).shape == x.shape
+
+
+def test_sae_errors(toy_lm):
+    with pytest.raises(ValueError, match="no SAE reading resid_pre 9"):
+        load_sae("toy", 9)
+    with pytest.raises(ValueError, match="no SAE reading resid_pre 2.*1, 7, 11, 13, 18"):
+        load_sae("gemma-2b", 2)
+    sae = load_sae("toy", 0)
+    sae.cfg.d_in = 64
+    with pytest.raises(ValueError, match="SAE input width 64 does not match"):
+        check_sae_fits(sae, toy_lm)

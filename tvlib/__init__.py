@@ -1,0 +1,1 @@
+"""Task vectors in the SAE basis."""

@@ -1,0 +1,146 @@
+"""Task vectors: extraction from few-shot prompts, steering, and scoring.
+
+Scoring follows method.md: the negative log-likelihood of the answer summed
+over its first ``n_first`` tokens (teacher-forced), averaged over prompts, and
+greedy first-token accuracy. Padding never counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .models import check_layer, resid_pre
+from .prompts import PromptBatch
+
+
+@dataclass(frozen=True)
+class Steering:
+    """Add (or write) ``vector`` into resid_pre ``layer`` at each prompt's steer token."""
+
+    layer: int
+    vector: torch.Tensor     # (d,) or (B, d)
+    mode: str = "add"        # "add" or "replace"
+
+    def __post_init__(self):
+        if self.mode not in ("add", "replace"):
+            raise ValueError(f"steering mode must be 'add' or 'replace', not {self.mode!r}")
+
+
+@dataclass
+class Scores:
+    """Per-prompt results of one scored batch."""
+
+    nll: torch.Tensor            # (B,) summed over the first n_first answer tokens
+    correct: torch.Tensor        # (B,) greedy first answer token is right
+    first_logits: torch.Tensor   # (B, V) logits predicting the first answer token
+    first_targets: torch.Tensor  # (B,) the first answer token
+
+    def mean_nll(self) -> float:
+        return self.nll.mean().item()
+
+    def accuracy(self) -> float:
+        return self.correct.float().mean().item()
+
+    def filtered_accuracy(self, allowed_tokens: torch.Tensor) -> float:
+        """First-token accuracy with the argmax restricted to ``allowed_tokens`` (ids)."""
+        masked = torch.full_like(self.first_logits, float("-inf"))
+        masked[:, allowed_tokens] = self.first_logits[:, allowed_tokens]
+        return (masked.argmax(-1) == self.first_targets).float().mean().item()
+
+
+def score_logits(logits_at_targets: torch.Tensor, targets: torch.Tensor) -> Scores:
+    """Scores from logits gathered at the positions predicting each target.
+
+    logits_at_targets: (B, n_first, V), the logits at target_pos - 1
+    targets: (B, n_first) token ids, -1 where the answer has fewer tokens
+    """
+    logprobs = logits_at_targets.float().log_softmax(-1)
+    present = targets >= 0
+    picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    nll = -(picked * present).sum(-1)
+    first = logits_at_targets[:, 0].float()
+    correct = first.argmax(-1) == targets[:, 0]
+    return Scores(nll, correct, first, targets[:, 0])
+
+
+def _logits_at_targets(lm, batch: PromptBatch) -> torch.Tensor:
+    """Inside a trace: (B, n_first, V) logits predicting each scored answer token."""
+    rows = torch.arange(len(batch)).unsqueeze(-1)
+    return lm.output.logits[rows, (batch.target_pos - 1).clamp(min=0)]
+
+
+def _apply(lm, steering: Steering | None, batch: PromptBatch) -> None:
+    """Inside a trace: write the steering into the residual stream."""
+    if steering is None:
+        return
+    h = resid_pre(lm, steering.layer)                  # (B, T, d)
+    rows = torch.arange(len(batch))
+    vector = steering.vector.to(h.dtype)
+    if steering.mode == "add":
+        h[rows, batch.steer_pos] += vector
+    else:
+        h[rows, batch.steer_pos] = vector.expand(len(batch), -1).clone()
+
+
+def score(lm, batch: PromptBatch, steering: Steering | None = None,
+          batch_size: int = 64) -> Scores:
+    """Score the query answers of ``batch``, optionally steered."""
+    parts = []
+    with torch.no_grad():
+        for chunk in batch.chunks(batch_size):
+            chunk_steering = steering
+            if steering is not None and steering.vector.dim() == 2:
+                rows = slice(len(parts) * batch_size, len(parts) * batch_size + len(chunk))
+                chunk_steering = Steering(steering.layer, steering.vector[rows], steering.mode)
+            with lm.trace(chunk.model_inputs()):
+                _apply(lm, chunk_steering, chunk)
+                logits = _logits_at_targets(lm, chunk).save()
+            parts.append(score_logits(logits, chunk.targets))
+    return Scores(*(torch.cat([getattr(p, f) for p in parts])
+                    for f in ("nll", "correct", "first_logits", "first_targets")))
+
+
+def collect_residuals(lm, inputs: dict[str, torch.Tensor], layers, positions: torch.Tensor,
+                      batch_size: int = 64) -> torch.Tensor:
+    """Residuals at ``positions`` for several resid_pre layers, one trace per chunk.
+
+    inputs: model inputs (``input_ids`` (B, T), ``attention_mask``, ...).
+    positions: (B, S) token indices, -1 where absent.
+    Returns (n_layers, B, S, d) in float32; absent entries are NaN.
+    """
+    layers = list(layers)
+    for layer in layers:
+        check_layer(lm, layer)
+    in_order = sorted(set(layers))     # a trace must visit modules in forward order
+    out = []
+    with torch.no_grad():
+        for start in range(0, positions.shape[0], batch_size):
+            chunk = {k: v[start:start + batch_size] for k, v in inputs.items()}
+            pos = positions[start:start + batch_size]
+            rows = torch.arange(pos.shape[0]).unsqueeze(-1)
+            with lm.trace(chunk):
+                saved = [resid_pre(lm, layer)[rows, pos.clamp(min=0)].save()
+                         for layer in in_order]
+            stacked = torch.stack([saved[in_order.index(layer)].float() for layer in layers])
+            out.append(stacked.masked_fill((pos < 0)[None, :, :, None], float("nan")))
+    return torch.cat(out, dim=1)
+
+
+def task_vectors(lm, few_shot: PromptBatch, layers, positions: str = "all",
+                 batch_size: int = 64) -> torch.Tensor:
+    """Mean resid_pre at separators of the few-shot prompts, for each layer: (n_layers, d).
+
+    positions="all": every separator of every prompt (the writeup's authors);
+    positions="last": only each prompt's last separator (Hendel et al.).
+    """
+    if positions == "all":
+        pos = few_shot.separator_pos
+    elif positions == "last":
+        last = (few_shot.separator_pos >= 0).sum(-1) - 1
+        pos = few_shot.separator_pos.gather(1, last.unsqueeze(-1))
+    else:
+        raise ValueError(f"positions must be 'all' or 'last', not {positions!r}")
+    resid = collect_residuals(lm, few_shot.model_inputs(), layers, pos, batch_size)   # (L, B, S, d)
+    return resid.flatten(1, 2).nanmean(1)
