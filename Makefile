@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 NOTEBOOKS := $(sort $(wildcard notebooks/0*.ipynb))
 EXECUTED := .cache/executed
 
-.PHONY: figures test env clean-cache
+.PHONY: figures test env toy clean-cache
 
 env: $(VENV)/.installed
 
@@ -30,6 +30,11 @@ figures: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
+
+# Rebuild the embedded model and SAEs from scratch, then re-measure its model card.
+toy: $(VENV)/.installed
+	$(PY) -m tvlib.toy train
+	$(PY) -m tvlib.toy card
 
 clean-cache:
 	rm -rf .cache

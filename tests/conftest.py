@@ -22,7 +22,7 @@ def bpe_tokenizer():
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     corpus = ["Follow the pattern:\nhot -> cold\nbig -> small\n", "Q:cat\nA:dog\n\n",
-              "antidisestablishment -> establishment"] * 50
+              "beautiful -> ugly"] * 50
     core.train_from_iterator(corpus, trainers.BpeTrainer(
         vocab_size=300, special_tokens=["<pad>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))

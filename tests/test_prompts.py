@@ -29,7 +29,7 @@ def test_other_formats(fmt, expected):
 def test_positions_under_left_padding(tok_name, request):
     tok = request.getfixturevalue(tok_name)
     prompts = [render(FORMATS["authors"], [("hot", "cold")], "up", "down"),
-               render(FORMATS["authors"], [("antidisestablishment", "establishment"),
+               render(FORMATS["authors"], [("beautiful", "ugly"),
                                            ("big", "small")], "new york", "old york")]
     batch = tokenize_prompts(tok, prompts, n_first=2)
     short, long = batch.attention_mask.sum(-1).tolist()
@@ -42,7 +42,7 @@ def test_positions_under_left_padding(tok_name, request):
         assert batch.steer_pos[row] == seps[-1]
         ends = batch.answer_end_pos[row][batch.answer_end_pos[row] >= 0].tolist()
         answers = [prompt.text[s:e] for s, e in prompt.answers[:prompt.n_demos]]
-        assert [a.endswith(p.strip()) for a, p in zip(answers, pieces(ends))] == [True] * len(ends)
+        assert all(a.lower().endswith(p.strip()) for a, p in zip(answers, pieces(ends)))
         targets = batch.target_pos[row][batch.target_pos[row] >= 0].tolist()
         assert targets[0] == seps[-1] + 1                        # answer follows the separator
         assert prompt.target.replace(" ", "").startswith(
@@ -87,8 +87,12 @@ def test_clear_errors():
         zero_shot_prompts([("a", "b")], fmt="chat")
 
 
-def test_merged_separator_and_answer_is_an_error(bpe_tokenizer):
-    # In the Hendel format there is no space: a BPE tokenizer may merge "->" and the answer.
-    prompt = render(FORMATS["hendel"], [], "x", "->->")
+def test_merged_separator_and_answer_is_an_error():
+    # A tokenizer that keeps "x->y" as one token cannot score the answer on its own.
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    core = Tokenizer(models.WordLevel({"<pad>": 0, "<unk>": 1, "x->y": 2}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>")
     with pytest.raises(TaskDataError, match="does not start after the separator"):
-        tokenize_prompts(bpe_tokenizer, [prompt])
+        tokenize_prompts(tok, [render(FORMATS["hendel"], [], "x", "y")])

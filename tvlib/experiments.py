@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass
 import pandas as pd
 
 from .cache import cached_table, config_key
-from .models import model_fingerprint, n_layers
+from .models import load_sae, model_fingerprint, n_layers
 from .prompts import PromptBatch, few_shot_prompts, tokenize_prompts, zero_shot_prompts
-from .taskvec import Steering, score, task_vectors
+from .sae_views import check_sae_site, ito, recon_of_tv, tv_on_recon
+from .taskvec import Steering, collect_residuals, score, task_vectors
 from .tasks import Task, TaskDataError, load_tasks
 
 
@@ -80,19 +81,109 @@ def run_task_vector_sweep(lm, tasks, layers=None, prompt_cfg: PromptConfig | Non
                           positions: str = "all", mode: str = "add", batch_size: int = 32,
                           refresh: bool = False) -> pd.DataFrame:
     """``task_vector_sweep`` for each task, each cached by its full configuration."""
-    prompt_cfg = prompt_cfg or PromptConfig()
     layers = list(range(n_layers(lm))) if layers is None else list(layers)
+    settings = {"layers": layers, "positions": positions, "mode": mode}
+    return run_per_task("task_vector_sweep", lm, tasks, prompt_cfg or PromptConfig(), settings,
+                        lambda p: task_vector_sweep(lm, p, layers, positions, mode, batch_size),
+                        refresh)
+
+
+def run_sae_view_sweep(lm, tasks, layers=None, prompt_cfg: PromptConfig | None = None,
+                       target_l0: int = 40, subtract_b_dec: bool = False, batch_size: int = 32,
+                       refresh: bool = False) -> pd.DataFrame:
+    """``sae_view_sweep`` for each task at every layer with an SAE (default)."""
+    layers = list(lm.preset.resid_pre_layers_with_sae()) if layers is None else list(layers)
+    settings = {"layers": layers, "target_l0": target_l0, "subtract_b_dec": subtract_b_dec}
+    return run_per_task("sae_view_sweep", lm, tasks, prompt_cfg or PromptConfig(), settings,
+                        lambda p: sae_view_sweep(lm, p, layers, target_l0, subtract_b_dec,
+                                                 batch_size), refresh)
+
+
+def separator_residuals(lm, few_shot: PromptBatch, layers, batch_size: int = 32):
+    """(L, B, S, d) resid_pre at every separator, NaN where absent."""
+    return collect_residuals(lm, few_shot.model_inputs(), layers, few_shot.separator_pos,
+                             batch_size)
+
+
+def sae_view_sweep(lm, prompts: TaskPrompts, layers, target_l0: int = 40,
+                   subtract_b_dec: bool = False, batch_size: int = 32) -> pd.DataFrame:
+    """TV, Recon of TV, TV on recon and ITO at each layer, plus baselines (notebook 02)."""
+    name = prompts.task.name
+    rows = [_row(name, "zero-shot", None, score(lm, prompts.zero_shot, batch_size=batch_size)),
+            _row(name, "ICL", None, score(lm, prompts.few_shot, batch_size=batch_size))]
+    resid = separator_residuals(lm, prompts.few_shot, layers, batch_size)   # (L, B, S, d)
+    for layer, layer_resid in zip(layers, resid):
+        sae = load_sae(lm.preset, layer)
+        check_sae_site(sae, lm, layer)
+        tv = layer_resid.flatten(0, 1).nanmean(0)                            # (d,)
+        views = {"TV": tv, "Recon of TV": recon_of_tv(sae, tv),
+                 "TV on recon": tv_on_recon(sae, layer_resid),
+                 f"ITO (L0={target_l0})": ito(sae, tv, target_l0, subtract_b_dec)[0]}
+        for method, vector in views.items():
+            steered = score(lm, prompts.zero_shot, Steering(layer, vector), batch_size)
+            rows.append(_row(name, method, layer, steered))
+    return pd.DataFrame(rows)
+
+
+def ito_sweep(lm, prompts: TaskPrompts, sae, layer: int, target_l0s, subtract_b_dec=False,
+              batch_size: int = 32) -> pd.DataFrame:
+    """Loss and active features of ITO for several target L0 at one layer (notebook 03).
+
+    Rows: TV, Recon of TV (its L0 is the SAE encoding's) and ITO per target L0.
+    """
+    name = prompts.task.name
+    tv = task_vectors(lm, prompts.few_shot, [layer], batch_size=batch_size)[0]
+    code = sae.encode(tv.to(sae.W_dec.dtype))
+    views = [("TV", None, None, tv), ("Recon of TV", None, int((code > 0).sum()),
+                                      sae.decode(code))]
+    for k in target_l0s:
+        vector, result = ito(sae, tv, k, subtract_b_dec)
+        views.append(("ITO", k, int((result.weights > 0).sum()), vector))
+    rows = []
+    for method, k, l0, vector in views:
+        scores = score(lm, prompts.zero_shot, Steering(layer, vector.detach()), batch_size)
+        rows.append({**_row(name, method, layer, scores), "target_l0": k, "l0": l0})
+    return pd.DataFrame(rows)
+
+
+def run_ito_sweep(lm, tasks, layer: int, target_l0s, prompt_cfg: PromptConfig | None = None,
+                  subtract_b_dec: bool = False, batch_size: int = 32,
+                  refresh: bool = False) -> pd.DataFrame:
+    """``ito_sweep`` for each task at ``layer``, cached."""
+    sae = load_sae(lm.preset, layer)
+    check_sae_site(sae, lm, layer)
+    settings = {"layer": layer, "target_l0s": list(target_l0s), "subtract_b_dec": subtract_b_dec}
+    return run_per_task("ito_sweep", lm, tasks, prompt_cfg or PromptConfig(), settings,
+                        lambda p: ito_sweep(lm, p, sae, layer, target_l0s, subtract_b_dec,
+                                            batch_size), refresh)
+
+
+def first_pursuit_features(lm, tasks, sae, layer: int, n_features: int, density,
+                           prompt_cfg: PromptConfig | None = None,
+                           subtract_b_dec: bool = False) -> pd.DataFrame:
+    """The features gradient pursuit picks first for each task's TV, with their density."""
+    prompt_cfg = prompt_cfg or PromptConfig()
+    rows = []
+    for name, task in load_tasks(tasks).items():
+        prompts = build_task_prompts(lm.tokenizer, task, prompt_cfg)
+        tv = task_vectors(lm, prompts.few_shot, [layer])[0]
+        _, pursuit = ito(sae, tv, n_features, subtract_b_dec)
+        for rank, feature in enumerate(pursuit.order[0].tolist()):
+            rows.append({"task": name, "rank": rank, "feature": feature,
+                         "weight": pursuit.weights[0, feature].item(),
+                         "density": density[feature].item()})
+    return pd.DataFrame(rows)
+
+
+def run_per_task(experiment: str, lm, tasks, prompt_cfg: PromptConfig, settings: dict,
+                 compute, refresh: bool = False) -> pd.DataFrame:
+    """Run ``compute(prompts)`` for each task, cached by task, model and settings."""
     tables = []
     for name, task in load_tasks(tasks).items():
-        config = {"experiment": "task_vector_sweep", "model": model_fingerprint(lm),
-                  "task": name, "task_pairs": config_key(task.pairs), "layers": layers,
-                  "positions": positions, "mode": mode, **asdict(prompt_cfg)}
-
-        def compute(task=task):
-            prompts = build_task_prompts(lm.tokenizer, task, prompt_cfg)
-            return task_vector_sweep(lm, prompts, layers, positions, mode, batch_size)
-
-        tables.append(cached_table("task_vector_sweep", config, compute, refresh=refresh))
+        config = {"experiment": experiment, "model": model_fingerprint(lm), "task": name,
+                  "task_pairs": config_key(task.pairs), **asdict(prompt_cfg), **settings}
+        tables.append(cached_table(experiment, config, lambda task=task: compute(
+            build_task_prompts(lm.tokenizer, task, prompt_cfg)), refresh=refresh))
     return pd.concat(tables, ignore_index=True)
 
 

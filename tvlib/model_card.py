@@ -55,36 +55,46 @@ def first_token_ids(tokenizer, outputs) -> torch.Tensor:
 
 
 def measure_tasks(lm, cfg: CardConfig, toy_cfg: ToyConfig) -> pd.DataFrame:
-    """Per-task rows: ICL / zero-shot / vocab-filtered zero-shot / TV per layer."""
+    """Tidy rows (task, method, split, layer) with accuracy, NLL and subset accuracies.
+
+    Splits: "heldout" (pairs seen in training only as facts, or not at all) and
+    "seen" (pairs seen as ``x -> y`` in training, but not among the pairs the
+    task vector is built from). ICL queries are held-out pairs.
+    """
     tasks = toy_tasks(toy_cfg)
     shared = shared_inputs(tasks)
     layers = list(range(toy_cfg.n_layers))
+    tok = lm.tokenizer
     rows = []
     for name, task in tasks.items():
         icl_pairs, heldout = split_pairs(task, toy_cfg)
-        tok = lm.tokenizer
+        tv_pool, seen = icl_pairs[: len(icl_pairs) // 2], icl_pairs[len(icl_pairs) // 2:]
+        few = tokenize_prompts(tok, few_shot_prompts(
+            task, cfg.n_tv_prompts, cfg.n_shots, cfg.seed, queries=tv_pool, demo_pool=tv_pool))
+        vectors = task_vectors(lm, few, layers)                             # (L, d)
         icl = score(lm, tokenize_prompts(tok, few_shot_prompts(
             task, len(heldout), cfg.n_shots, cfg.seed, queries=heldout, demo_pool=icl_pairs)))
-        zero_batch = tokenize_prompts(tok, zero_shot_prompts(heldout))
-        zero = score(lm, zero_batch)
+        rows.append(_row(name, "ICL", "heldout", None, icl))
         allowed = first_token_ids(tok, task.outputs)
-        is_shared = torch.tensor([x in shared for x, _ in heldout])
-        few = tokenize_prompts(tok, few_shot_prompts(
-            task, cfg.n_tv_prompts, cfg.n_shots, cfg.seed, queries=icl_pairs,
-            demo_pool=icl_pairs))
-        vectors = task_vectors(lm, few, layers)
-        base = {"task": name, "n_heldout": len(heldout), "n_shared": int(is_shared.sum())}
-        rows.append({**base, "method": "ICL", "layer": None, "accuracy": icl.accuracy(),
-                     "nll": icl.mean_nll()})
-        rows.append({**base, "method": "zero-shot", "layer": None, "accuracy": zero.accuracy(),
-                     "nll": zero.mean_nll(), "vocab_filtered_accuracy":
-                     zero.filtered_accuracy(allowed),
-                     "shared_accuracy": _subset_accuracy(zero, is_shared)})
-        for layer, vector in zip(layers, vectors):
-            tv = score(lm, zero_batch, Steering(layer, vector))
-            rows.append({**base, "method": "TV", "layer": layer, "accuracy": tv.accuracy(),
-                         "nll": tv.mean_nll(), "shared_accuracy": _subset_accuracy(tv, is_shared)})
+        for split, pairs in (("heldout", heldout), ("seen", seen)):
+            batch = tokenize_prompts(tok, zero_shot_prompts(pairs))
+            is_shared = torch.tensor([x in shared for x, _ in pairs])
+            zero = score(lm, batch)
+            rows.append(_row(name, "zero-shot", split, None, zero, is_shared,
+                             vocab_filtered_accuracy=zero.filtered_accuracy(allowed)))
+            for layer, vector in zip(layers, vectors):
+                rows.append(_row(name, "TV", split, layer,
+                                 score(lm, batch, Steering(layer, vector)), is_shared))
     return pd.DataFrame(rows)
+
+
+def _row(task, method, split, layer, scores, is_shared=None, **extra) -> dict:
+    row = {"task": task, "method": method, "split": split, "layer": layer,
+           "accuracy": scores.accuracy(), "nll": scores.mean_nll(), "n": len(scores.nll)}
+    if is_shared is not None:
+        row["n_shared"] = int(is_shared.sum())
+        row["shared_accuracy"] = _subset_accuracy(scores, is_shared)
+    return {**row, **extra}
 
 
 def _subset_accuracy(scores, mask: torch.Tensor) -> float | None:
@@ -121,29 +131,34 @@ def _weighted(rows: pd.DataFrame, column: str, weight: str) -> float:
 
 
 def summarise(tasks: pd.DataFrame) -> dict:
-    """Headline numbers, pooled over tasks (weighted by their prompt counts)."""
-    icl = tasks[tasks.method == "ICL"]
-    zero = tasks[tasks.method == "zero-shot"]
-    tv = tasks[tasks.method == "TV"]
-    by_layer = (tv.groupby("layer")
-                  .apply(lambda g: pd.Series({
-                      "accuracy": _weighted(g, "accuracy", "n_heldout"),
-                      "nll": _weighted(g, "nll", "n_heldout"),
-                      "shared_accuracy": _weighted(g, "shared_accuracy", "n_shared")}),
-                         include_groups=False))
-    best = int(by_layer["shared_accuracy"].idxmax())
+    """Headline numbers, pooled over tasks (each task weighted by its prompt count)."""
+    def pick(method, split):
+        return tasks[(tasks.method == method) & (tasks.split == split)]
+
+    def by_layer(split):
+        return {int(layer): {"accuracy": _weighted(g, "accuracy", "n"),
+                             "nll": _weighted(g, "nll", "n"),
+                             "shared_accuracy": _weighted(g, "shared_accuracy", "n_shared")}
+                for layer, g in pick("TV", split).groupby("layer")}
+
+    seen, heldout = by_layer("seen"), by_layer("heldout")
+    best = max(seen, key=lambda layer: seen[layer]["shared_accuracy"])
+    zero_seen, zero_heldout = pick("zero-shot", "seen"), pick("zero-shot", "heldout")
     return {
-        "icl_heldout_accuracy": _weighted(icl, "accuracy", "n_heldout"),
-        "zero_shot_heldout_accuracy": _weighted(zero, "accuracy", "n_heldout"),
-        "zero_shot_vocab_filtered_accuracy": _weighted(zero, "vocab_filtered_accuracy",
-                                                       "n_heldout"),
-        "tv_by_layer": {int(k): v for k, v in by_layer.to_dict("index").items()},
+        "icl_heldout_accuracy": _weighted(pick("ICL", "heldout"), "accuracy", "n"),
+        "zero_shot_heldout_accuracy": _weighted(zero_heldout, "accuracy", "n"),
+        "zero_shot_seen_accuracy": _weighted(zero_seen, "accuracy", "n"),
+        "zero_shot_seen_vocab_filtered_accuracy":
+            _weighted(zero_seen, "vocab_filtered_accuracy", "n"),
+        "zero_shot_seen_shared_accuracy": _weighted(zero_seen, "shared_accuracy", "n_shared"),
+        "zero_shot_heldout_shared_accuracy":
+            _weighted(zero_heldout, "shared_accuracy", "n_shared"),
         "best_layer": best,
-        "tv_best_layer_accuracy": float(by_layer.loc[best, "accuracy"]),
-        "shared_inputs_zero_shot_accuracy": _weighted(zero, "shared_accuracy", "n_shared"),
-        "shared_inputs_tv_accuracy": float(by_layer.loc[best, "shared_accuracy"]),
-        "n_shared_prompts": int(zero["n_shared"].sum()),
-        "n_heldout_prompts": int(zero["n_heldout"].sum()),
+        "tv_seen_by_layer": seen,
+        "tv_heldout_by_layer": heldout,
+        "n_heldout_prompts": int(zero_heldout.n.sum()),
+        "n_seen_prompts": int(zero_seen.n.sum()),
+        "n_seen_shared_prompts": int(zero_seen.n_shared.sum()),
     }
 
 
@@ -171,6 +186,9 @@ def write_model_card(root: Path = TOY_DIR, cfg: CardConfig = CardConfig()) -> di
 
 def render_card(card: dict, tasks: pd.DataFrame) -> str:
     s, t, c = card["summary"], card["training"], card["training"]["config"]
+    shots = card["card_config"]["n_shots"]
+    best = s["best_layer"]
+    tv_seen, tv_held = s["tv_seen_by_layer"][best], s["tv_heldout_by_layer"][best]
     sae_time = sum(v["seconds"] for v in t.get("saes", {}).values())
     lines = [
         "# The embedded toy model",
@@ -178,66 +196,77 @@ def render_card(card: dict, tasks: pd.DataFrame) -> str:
         "A small Llama-architecture decoder (rotary positions, module paths `model.layers[L]`",
         "as in Gemma) with a word-level tokenizer, trained from scratch on few-shot sequences",
         "of the project's tasks and on fact sentences, plus one gated SAE per layer at",
-        "resid_pre, trained with sae-lens. Written by `python -m tvlib.toy card`; every",
-        "number below is measured from the files in this folder.",
+        "resid_pre, trained with sae-lens. Written by `python -m tvlib.toy card`; every number",
+        "below is measured from the files in this folder (`card.json`, `card_tasks.csv`).",
         "",
         "## Training",
         "",
         f"- Model: {c['n_layers']} layers, d_model {c['d_model']}, {c['n_heads']} heads, "
         f"MLP {c['d_mlp']}, context {c['context']}, vocabulary {t['model']['vocab_size']}.",
         f"- Data: {t['model']['train_tokens']:,} tokens; {int(100 * c['fact_fraction'])}% "
-        f"fact documents, the rest few-shot sequences with 0-{c['max_demos']} demonstrations "
-        f"in the authors', Hendel and Todd formats; {int(100 * c['heldout_fraction'])}% of each "
-        "task's pairs are held out of the `x -> y` form (list tasks: held out entirely).",
+        f"fact documents, the rest few-shot sequences of one task each with 0-{c['max_demos']} "
+        "demonstrations in the authors', Hendel and Todd formats (generated tasks sampled "
+        f"{c['algorithmic_weight']:g}x as often). Inputs are held out of the `x -> y` form with "
+        f"probability {c['heldout_fraction']} (for every task that has them); held-out pairs "
+        "appear only in fact sentences (list tasks: nowhere).",
         f"- {t['model']['steps']} AdamW steps, lr {c['lr']}, batch {c['batch_size']}; final "
         f"training loss {t['model']['final_loss']:.3f}; seed {c['seed']}.",
-        f"- Time on this machine ({t.get('torch_threads', '?')} CPU threads): model "
-        f"{t['model']['seconds'] / 60:.1f} min, SAEs {sae_time / 60:.1f} min.",
-        f"- SAEs: {c['sae_architecture']}, {c['sae_expansion']}x expansion, "
-        f"L1 coefficient {c['sae_l1_coefficient']}, {c['sae_train_tokens']:,} tokens each.",
+        f"- Time on 2 CPU cores: model {t['model']['seconds'] / 60:.1f} min, SAEs "
+        f"{sae_time / 60:.1f} min.",
+        f"- SAEs: {c['sae_architecture']}, {c['sae_expansion']}x expansion, L1 coefficient "
+        f"{c['sae_l1_coefficient']:g}, {c['sae_train_tokens']:,} tokens each.",
         "",
-        "## In-context learning",
+        "## In-context learning and task vectors",
         "",
-        f"Held-out pairs: {s['n_heldout_prompts']} zero-shot / {card['card_config']['n_shots']}"
-        "-shot prompts over all tasks.",
+        "*Held-out* pairs were never seen as `x -> y`; *seen* pairs were, but are disjoint",
+        "from the pairs the task vector is built from. The task vector is the mean resid_pre",
+        f"over every separator of {card['card_config']['n_tv_prompts']} {shots}-shot prompts, "
+        "added at the separator of zero-shot prompts.",
         "",
         "| measure | accuracy |",
         "|---|---|",
-        f"| ICL ({card['card_config']['n_shots']} shots), held-out pairs | "
+        f"| ICL ({shots} shots), held-out pairs ({s['n_heldout_prompts']} prompts) | "
         f"{s['icl_heldout_accuracy']:.3f} |",
         f"| zero-shot, held-out pairs | {s['zero_shot_heldout_accuracy']:.3f} |",
-        f"| zero-shot, output-vocabulary filter | {s['zero_shot_vocab_filtered_accuracy']:.3f} |",
-        f"| task vector at layer {s['best_layer']}, held-out pairs | "
-        f"{s['tv_best_layer_accuracy']:.3f} |",
-        f"| zero-shot, inputs shared by two tasks ({s['n_shared_prompts']} prompts) | "
-        f"{s['shared_inputs_zero_shot_accuracy']:.3f} |",
-        f"| task vector at layer {s['best_layer']}, inputs shared by two tasks | "
-        f"{s['shared_inputs_tv_accuracy']:.3f} |",
+        f"| task vector at layer {best}, held-out pairs | {tv_held['accuracy']:.3f} |",
+        f"| zero-shot, seen pairs ({s['n_seen_prompts']} prompts) | "
+        f"{s['zero_shot_seen_accuracy']:.3f} |",
+        f"| zero-shot with output-vocabulary filter, seen pairs | "
+        f"{s['zero_shot_seen_vocab_filtered_accuracy']:.3f} |",
+        f"| task vector at layer {best}, seen pairs | {tv_seen['accuracy']:.3f} |",
+        f"| zero-shot, seen inputs shared by two tasks ({s['n_seen_shared_prompts']} prompts) | "
+        f"{s['zero_shot_seen_shared_accuracy']:.3f} |",
+        f"| task vector at layer {best}, seen inputs shared by two tasks | "
+        f"{tv_seen['shared_accuracy']:.3f} |",
         "",
         "The output-vocabulary filter restricts the zero-shot prediction to the first tokens",
         "of the task's outputs: what knowing only the answer vocabulary would give. On inputs",
-        "shared by two tasks the answer depends on the task alone.",
+        "shared by two tasks with different outputs only the task decides the answer.",
         "",
-        "Task vector (mean resid_pre over every separator of 16 few-shot prompts, added at the",
-        "separator of zero-shot prompts), by layer:",
+        "Task vector by layer:",
         "",
-        "| layer | accuracy | NLL | accuracy on shared inputs |",
-        "|---|---|---|---|",
+        "| layer | seen: accuracy | seen: NLL | seen, shared inputs: accuracy | "
+        "held-out: accuracy | held-out: NLL |",
+        "|---|---|---|---|---|---|",
     ]
-    for layer, v in s["tv_by_layer"].items():
-        lines.append(f"| {layer} | {v['accuracy']:.3f} | {v['nll']:.3f} | "
-                     f"{v['shared_accuracy']:.3f} |")
-    lines += ["", "Per task (held-out pairs):", "",
-              "| task | ICL | zero-shot | vocab-filtered zero-shot | best TV | best TV layer |",
-              "|---|---|---|---|---|---|"]
-    for name, group in tasks.groupby("task", sort=False):
-        tv = group[group.method == "TV"]
-        best = tv.loc[tv.accuracy.idxmax()]
-        zero = group[group.method == "zero-shot"].iloc[0]
-        icl = group[group.method == "ICL"].iloc[0]
-        lines.append(f"| {name} | {icl.accuracy:.2f} | {zero.accuracy:.2f} | "
-                     f"{zero.vocab_filtered_accuracy:.2f} | {best.accuracy:.2f} | "
-                     f"{int(best.layer)} |")
+    for layer in sorted(s["tv_seen_by_layer"]):
+        a, h = s["tv_seen_by_layer"][layer], s["tv_heldout_by_layer"][layer]
+        lines.append(f"| {layer} | {a['accuracy']:.3f} | {a['nll']:.3f} | "
+                     f"{a['shared_accuracy']:.3f} | {h['accuracy']:.3f} | {h['nll']:.3f} |")
+    lines += ["", f"Per task (TV at layer {best}):", "",
+              "| task | ICL held-out | zero-shot held-out | TV held-out | zero-shot seen | "
+              "vocab-filtered zero-shot seen | TV seen |",
+              "|---|---|---|---|---|---|---|"]
+    for name, g in tasks.groupby("task", sort=False):
+        def acc(method, split, layer=None, column="accuracy"):
+            rows = g[(g.method == method) & (g.split == split)]
+            if layer is not None:
+                rows = rows[rows.layer == layer]
+            return f"{rows[column].iloc[0]:.2f}"
+        lines.append(f"| {name} | {acc('ICL', 'heldout')} | {acc('zero-shot', 'heldout')} | "
+                     f"{acc('TV', 'heldout', best)} | {acc('zero-shot', 'seen')} | "
+                     f"{acc('zero-shot', 'seen', column='vocab_filtered_accuracy')} | "
+                     f"{acc('TV', 'seen', best)} |")
     lines += ["", "## SAEs", "",
               f"Measured on {card['saes'][0]['n_tokens']:,} fresh tokens of the training mix "
               "(BOS excluded).", "",

@@ -23,7 +23,17 @@ METHOD_STYLE = {
     "zero-shot": dict(color="0.5", linestyle=":"),
     "ICL": dict(color="black", linestyle="--"),
     "TV": dict(color="tab:blue", marker="o", markersize=3),
+    "Recon of TV": dict(color="tab:orange", marker="s", markersize=3),
+    "TV on recon": dict(color="tab:green", marker="^", markersize=3),
+    "ITO": dict(color="tab:red", marker="d", markersize=3),
+    "cleaned TV": dict(color="tab:purple", marker="o", markersize=3),
 }
+
+
+def method_style(method: str) -> dict:
+    """The style of ``method``, matched by its longest known prefix ("ITO (L0=40)" -> "ITO")."""
+    matches = [name for name in METHOD_STYLE if method.startswith(name)]
+    return METHOD_STYLE[max(matches, key=len)] if matches else {}
 
 
 def save_figure(fig, name: str, out_dir: Path | None = None) -> list[Path]:
@@ -49,7 +59,7 @@ def plot_loss_vs_layer(results: pd.DataFrame, metric: str = "nll", title: str = 
         for ax, task in zip(axes[0], tasks):
             rows = results[results["task"] == task]
             for method, group in rows.groupby("method", sort=False):
-                style = METHOD_STYLE.get(method, {})
+                style = method_style(method)
                 if group["layer"].isna().all():
                     ax.axhline(group[metric].mean(), label=method, **style)
                 else:
@@ -60,6 +70,38 @@ def plot_loss_vs_layer(results: pd.DataFrame, metric: str = "nll", title: str = 
         axes[0][0].set_ylabel({"nll": "NLL of answer (first 2 tokens)",
                                "accuracy": "first-token accuracy"}.get(metric, metric))
         axes[0][-1].legend(loc="best")
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+    return fig
+
+
+def plot_ito_sweep(results: pd.DataFrame, title: str = ""):
+    """Two panels: NLL and active features vs target L0; TV and Recon of TV as references.
+
+    ``results`` has columns task, method ("TV", "Recon of TV", "ITO"), target_l0, l0, nll.
+    """
+    with plt.rc_context(STYLE):
+        fig, (ax_loss, ax_l0) = plt.subplots(1, 2, figsize=(7.5, 2.8))
+        for i, (task, rows) in enumerate(results.groupby("task", sort=False)):
+            color = f"C{i}"
+            ito = rows[rows.method == "ITO"].sort_values("target_l0")
+            ax_loss.plot(ito.target_l0, ito.nll, marker="d", color=color, label=f"{task}: ITO")
+            for method, style in (("TV", "--"), ("Recon of TV", ":")):
+                ref = rows[rows.method == method]
+                ax_loss.axhline(ref.nll.iloc[0], color=color, linestyle=style,
+                                label=f"{task}: {method}")
+            ax_l0.plot(ito.target_l0, ito.l0, marker="d", color=color, label=f"{task}: ITO")
+            recon = rows[rows.method == "Recon of TV"]
+            ax_l0.axhline(recon.l0.iloc[0], color=color, linestyle=":",
+                          label=f"{task}: SAE encoding")
+        for ax in (ax_loss, ax_l0):
+            ax.set_xscale("log")
+            ax.set_xlabel("target L0")
+        ax_loss.set_ylabel("NLL of answer (first 2 tokens)")
+        ax_l0.set_ylabel("active features")
+        ax_loss.legend(fontsize=6)
+        ax_l0.legend(fontsize=6)
         if title:
             fig.suptitle(title)
         fig.tight_layout()

@@ -120,9 +120,10 @@ def collect_residuals(lm, inputs: dict[str, torch.Tensor], layers, positions: to
             chunk = {k: v[start:start + batch_size] for k, v in inputs.items()}
             pos = positions[start:start + batch_size]
             rows = torch.arange(pos.shape[0]).unsqueeze(-1)
+            saved = []   # filled inside the trace (names bound there are not closure-safe)
             with lm.trace(chunk):
-                saved = [resid_pre(lm, layer)[rows, pos.clamp(min=0)].save()
-                         for layer in in_order]
+                for layer in in_order:
+                    saved.append(resid_pre(lm, layer)[rows, pos.clamp(min=0)].save())
             stacked = torch.stack([saved[in_order.index(layer)].float() for layer in layers])
             out.append(stacked.masked_fill((pos < 0)[None, :, :, None], float("nan")))
     return torch.cat(out, dim=1)

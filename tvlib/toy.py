@@ -11,6 +11,7 @@ and writes its model card.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -73,22 +74,23 @@ class ToyConfig:
     d_mlp: int = 512
     context: int = 128
     # training
-    train_tokens: int = 6_000_000
+    train_tokens: int = 8_000_000
     batch_size: int = 32
     lr: float = 3e-3
     warmup_steps: int = 100
     weight_decay: float = 0.01
     fact_fraction: float = 0.3          # share of documents that are fact sentences
     max_demos: int = 10
+    algorithmic_weight: float = 3.0     # sampling weight of generated tasks (others 1)
     format_weights: tuple[tuple[str, float], ...] = (("authors", 0.6), ("hendel", 0.2),
                                                      ("todd", 0.2))
     facts_per_document: int = 6
     # SAEs (sae-lens), one per layer at resid_pre
     sae_architecture: str = "gated"
     sae_expansion: int = 8
-    sae_l1_coefficient: float = 2.0
+    sae_l1_coefficient: float = 20.0
     sae_lr: float = 1e-3
-    sae_train_tokens: int = 1_000_000
+    sae_train_tokens: int = 500_000
     sae_seed_offset: int = 1000         # SAE data uses seed + this, unseen by the model
     extra: dict = field(default_factory=dict)
 
@@ -107,16 +109,25 @@ def toy_tasks(cfg: ToyConfig) -> dict[str, Task]:
     return tasks
 
 
+def is_heldout(x: str, cfg: ToyConfig) -> bool:
+    """Whether input ``x`` is held out of the ``x -> y`` form, for every task that has it.
+
+    Keyed by the input alone, so a held-out input of one task (``66`` in n+1)
+    is never seen as a demonstration of another (``66 -> 65`` in n-1).
+    """
+    digest = hashlib.sha256(f"heldout-{cfg.seed}-{x}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < cfg.heldout_fraction
+
+
 def split_pairs(task: Task, cfg: ToyConfig) -> tuple[list, list]:
     """(icl_pairs, heldout_pairs): held-out pairs never appear as ``x -> y`` in training.
 
     For list tasks the held-out pairs appear nowhere at all (the rule is
     algorithmic); for the others they appear only in fact sentences.
     """
-    pairs = list(task.pairs)
-    random.Random(f"split-{task.name}-{cfg.seed}").shuffle(pairs)
-    n_heldout = max(1, round(cfg.heldout_fraction * len(pairs)))
-    return pairs[n_heldout:], pairs[:n_heldout]
+    icl = [p for p in task.pairs if not is_heldout(p[0], cfg)]
+    heldout = [p for p in task.pairs if is_heldout(p[0], cfg)]
+    return icl, heldout
 
 
 # ---------------------------------------------------------------- training text
@@ -146,12 +157,13 @@ def generate_documents(cfg: ToyConfig, n_documents: int, seed: int) -> list[str]
     facts = [(name, x, y) for name, task in tasks.items() if name in FACT_TEMPLATES
              for x, y in task.pairs]
     names = list(tasks)
+    weights = [cfg.algorithmic_weight if n in ALGORITHMIC_TASKS else 1.0 for n in names]
     docs = []
     for _ in range(n_documents):
         if rng.random() < cfg.fact_fraction:
             docs.append(fact_document(rng, facts, cfg))
         else:
-            name = rng.choice(names)
+            name = rng.choices(names, weights)[0]
             docs.append(few_shot_document(rng, tasks[name], icl[name], cfg))
     return docs
 
