@@ -49,3 +49,13 @@ def test_sae_errors(toy_lm):
     sae.cfg.d_in = 64
     with pytest.raises(ValueError, match="SAE input width 64 does not match"):
         check_sae_fits(sae, toy_lm)
+
+
+def test_toy_preset_matches_how_the_model_was_trained():
+    import json
+
+    from tvlib.paths import TOY_DIR
+    config = json.loads((TOY_DIR / "training.json").read_text())["config"]
+    preset = get_preset("toy")
+    assert preset.max_pairs_per_task == config["max_pairs_per_task"]
+    assert preset.sae_layers == tuple(range(config["n_layers"]))

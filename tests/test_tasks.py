@@ -71,3 +71,19 @@ def test_unknown_task_and_empty_list():
         load_task("antonym")
     with pytest.raises(TaskDataError, match="no tasks given"):
         load_tasks([])
+
+
+def test_load_a_cloned_repository_layout(tmp_path):
+    from tvlib.tasks import load_task_dir
+    (tmp_path / "data" / "linguistic").mkdir(parents=True)
+    (tmp_path / "dataset_files" / "abstractive").mkdir(parents=True)
+    write(tmp_path / "data" / "linguistic", "antonyms.json", '{"hot": "cold"}')
+    write(tmp_path / "dataset_files" / "abstractive", "capitalize.json",
+          '[{"input": "a", "output": "A"}]')
+    tasks = load_task_dir(tmp_path)
+    assert sorted(tasks) == ["antonyms", "capitalize"]
+    write(tmp_path / "dataset_files", "antonyms.json", '{"up": "down"}')
+    with pytest.raises(TaskDataError, match="two task files are named 'antonyms'"):
+        load_task_dir(tmp_path)
+    with pytest.raises(TaskDataError, match="not a folder"):
+        load_task_dir(tmp_path / "missing")

@@ -8,11 +8,12 @@ Every table has one row per (task, method, layer) with columns ``nll``,
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import pandas as pd
 
-from .cache import cached_table, config_key
+from .cache import cached_table, cached_tables, config_key
+from .cleanup import CleanupConfig, cleanup
 from .models import load_sae, model_fingerprint, n_layers
 from .prompts import PromptBatch, few_shot_prompts, tokenize_prompts, zero_shot_prompts
 from .sae_views import check_sae_site, ito, recon_of_tv, tv_on_recon
@@ -27,6 +28,7 @@ class PromptConfig:
     n_prompts: int = 16        # few-shot prompts for the task vector and ICL
     n_shots: int = 8           # demonstrations per few-shot prompt
     n_eval: int = 50           # zero-shot evaluation prompts (pairs held apart)
+    n_train: int = 24          # zero-shot prompts that cleanup optimises on (from the pool)
     fmt: str = "authors"
     n_first: int = 2           # answer tokens scored
     seed: int = 0
@@ -37,6 +39,13 @@ class TaskPrompts:
     task: Task
     few_shot: PromptBatch      # demonstrations + query, answer appended
     zero_shot: PromptBatch     # evaluation pairs, answer appended
+    train: PromptBatch         # zero-shot prompts for optimisation, disjoint from evaluation
+
+
+def model_tasks(lm, names) -> dict[str, Task]:
+    """Load tasks, keeping only the pairs the model's preset knows (all, for real models)."""
+    return {name: task.head(lm.preset.max_pairs_per_task)
+            for name, task in load_tasks(names).items()}
 
 
 def split_eval(task: Task, cfg: PromptConfig) -> tuple[list, list]:
@@ -55,8 +64,9 @@ def build_task_prompts(tokenizer, task: Task, cfg: PromptConfig) -> TaskPrompts:
     few = few_shot_prompts(task, cfg.n_prompts, cfg.n_shots, cfg.seed, cfg.fmt,
                            queries=pool, demo_pool=pool)
     zero = zero_shot_prompts(eval_pairs, cfg.fmt)
-    return TaskPrompts(task, tokenize_prompts(tokenizer, few, cfg.n_first),
-                       tokenize_prompts(tokenizer, zero, cfg.n_first))
+    train = zero_shot_prompts(pool[:cfg.n_train], cfg.fmt)
+    return TaskPrompts(task, *(tokenize_prompts(tokenizer, p, cfg.n_first)
+                               for p in (few, zero, train)))
 
 
 def _row(task: str, method: str, layer, scores) -> dict:
@@ -164,7 +174,7 @@ def first_pursuit_features(lm, tasks, sae, layer: int, n_features: int, density,
     """The features gradient pursuit picks first for each task's TV, with their density."""
     prompt_cfg = prompt_cfg or PromptConfig()
     rows = []
-    for name, task in load_tasks(tasks).items():
+    for name, task in model_tasks(lm, tasks).items():
         prompts = build_task_prompts(lm.tokenizer, task, prompt_cfg)
         tv = task_vectors(lm, prompts.few_shot, [layer])[0]
         _, pursuit = ito(sae, tv, n_features, subtract_b_dec)
@@ -175,16 +185,115 @@ def first_pursuit_features(lm, tasks, sae, layer: int, n_features: int, density,
     return pd.DataFrame(rows)
 
 
+def cleanup_sweep(lm, prompts: TaskPrompts, layers, cfg: CleanupConfig,
+                  batch_size: int = 32, seed: int = 0) -> dict[str, pd.DataFrame]:
+    """TV and cleaned TV at each layer, plus baselines (notebook 04).
+
+    Returns "scores" (one row per task, method, layer; the cleaned TV's NLL is
+    on the evaluation prompts, never trained on) and "features" (the non-zero
+    feature weights of the SAE encoding and of the cleaned vector).
+    """
+    name = prompts.task.name
+    rows = [_row(name, "zero-shot", None, score(lm, prompts.zero_shot, batch_size=batch_size)),
+            _row(name, "ICL", None, score(lm, prompts.few_shot, batch_size=batch_size))]
+    features = []
+    vectors = task_vectors(lm, prompts.few_shot, layers, batch_size=batch_size)
+    for layer, tv in zip(layers, vectors):
+        sae = load_sae(lm.preset, layer)
+        check_sae_site(sae, lm, layer)
+        result = cleanup(lm, sae, layer, tv, prompts.train, prompts.zero_shot, cfg, seed)
+        l0_init, l0_final = int((result.initial_weights > 0).sum()), result.l0[-1]
+        rows.append({**_row(name, "TV", layer, score(lm, prompts.zero_shot,
+                                                      Steering(layer, tv), batch_size)),
+                     "l0": None})
+        rows.append({**_row(name, "Recon of TV", layer, score(
+            lm, prompts.zero_shot, Steering(layer, sae.decode(result.initial_weights)),
+            batch_size)), "l0": l0_init})
+        rows.append({"task": name, "method": "cleaned TV", "layer": layer,
+                     "nll": result.heldout_nll, "accuracy": result.heldout_accuracy,
+                     "n_prompts": len(prompts.zero_shot), "l0": int((result.weights > 0).sum()),
+                     "steps": result.steps, "train_nll_start": result.nll[0],
+                     "train_nll_end": result.nll[-1], "l0_last_step": l0_final})
+        active = (result.initial_weights > 0).nonzero().squeeze(-1)
+        for feature in active.tolist():
+            features.append({"task": name, "layer": layer, "feature": feature,
+                             "recon_weight": result.initial_weights[feature].item(),
+                             "cleaned_weight": result.weights[feature].item()})
+    return {"scores": pd.DataFrame(rows), "features": pd.DataFrame(features)}
+
+
+def run_cleanup_sweep(lm, tasks, layers=None, prompt_cfg: PromptConfig | None = None,
+                      cfg: CleanupConfig = CleanupConfig(), batch_size: int = 32,
+                      refresh: bool = False) -> dict[str, pd.DataFrame]:
+    """``cleanup_sweep`` for each task, cached; returns the "scores" and "features" tables."""
+    prompt_cfg = prompt_cfg or PromptConfig()
+    layers = list(lm.preset.resid_pre_layers_with_sae()) if layers is None else list(layers)
+    settings = {"layers": layers, **{k: v for k, v in asdict(cfg).items() if k != "progress"}}
+    return run_per_task("cleanup_sweep", lm, tasks, prompt_cfg, settings,
+                        lambda p: cleanup_sweep(lm, p, layers, cfg, batch_size,
+                                                prompt_cfg.seed), refresh)
+
+
+def cleanup_report(scores: pd.DataFrame) -> pd.DataFrame:
+    """Per (task, layer): features before/after cleanup and whether cleaned loss <= TV loss."""
+    layered = scores.dropna(subset=["layer"])
+    table = layered.pivot_table(index=["task", "layer"], columns="method",
+                                values=["nll", "l0"], sort=False)
+    report = pd.DataFrame({
+        "features (SAE encoding)": table[("l0", "Recon of TV")].astype(int),
+        "features (cleaned)": table[("l0", "cleaned TV")].astype(int),
+        "TV nll": table[("nll", "TV")],
+        "Recon of TV nll": table[("nll", "Recon of TV")],
+        "cleaned nll": table[("nll", "cleaned TV")]})
+    report["cleaned <= TV"] = report["cleaned nll"] <= report["TV nll"]
+    return report
+
+
+def lambda_sweep(lm, task, layer: int, lams, prompt_cfg: PromptConfig | None = None,
+                 cfg: CleanupConfig = CleanupConfig(), refresh: bool = False) -> pd.DataFrame:
+    """Held-out NLL and active features of the cleaned TV for several lambdas (cached)."""
+    prompt_cfg = prompt_cfg or PromptConfig()
+    task = model_tasks(lm, [task])[task] if isinstance(task, str) else task
+    config = {"experiment": "lambda_sweep", "model": model_fingerprint(lm), "task": task.name,
+              "task_pairs": config_key(task.pairs), "layer": layer, "lams": list(lams),
+              **asdict(prompt_cfg), **{k: v for k, v in asdict(cfg).items() if k != "progress"}}
+
+    def compute():
+        prompts = build_task_prompts(lm.tokenizer, task, prompt_cfg)
+        sae = load_sae(lm.preset, layer)
+        tv = task_vectors(lm, prompts.few_shot, [layer])[0]
+        rows = []
+        for lam in lams:
+            result = cleanup(lm, sae, layer, tv, prompts.train, prompts.zero_shot,
+                             replace(cfg, lam=lam), prompt_cfg.seed)
+            rows.append({"task": task.name, "layer": layer, "lam": lam,
+                         "l0": int((result.weights > 0).sum()), "nll": result.heldout_nll,
+                         "accuracy": result.heldout_accuracy, "steps": result.steps})
+        return pd.DataFrame(rows)
+
+    return cached_table("lambda_sweep", config, compute, refresh=refresh)
+
+
 def run_per_task(experiment: str, lm, tasks, prompt_cfg: PromptConfig, settings: dict,
-                 compute, refresh: bool = False) -> pd.DataFrame:
-    """Run ``compute(prompts)`` for each task, cached by task, model and settings."""
-    tables = []
-    for name, task in load_tasks(tasks).items():
+                 compute, refresh: bool = False):
+    """Run ``compute(prompts)`` for each task, cached by task, model and settings.
+
+    ``compute`` returns a table, or a dict of named tables; the result has the
+    same form, each table concatenated over tasks.
+    """
+    parts: dict[str, list] = {}
+    for name, task in model_tasks(lm, tasks).items():
         config = {"experiment": experiment, "model": model_fingerprint(lm), "task": name,
                   "task_pairs": config_key(task.pairs), **asdict(prompt_cfg), **settings}
-        tables.append(cached_table(experiment, config, lambda task=task: compute(
-            build_task_prompts(lm.tokenizer, task, prompt_cfg)), refresh=refresh))
-    return pd.concat(tables, ignore_index=True)
+
+        def named(task=task):
+            out = compute(build_task_prompts(lm.tokenizer, task, prompt_cfg))
+            return {"table": out} if isinstance(out, pd.DataFrame) else out
+
+        for part, table in cached_tables(experiment, config, named, refresh=refresh).items():
+            parts.setdefault(part, []).append(table)
+    merged = {part: pd.concat(tables, ignore_index=True) for part, tables in parts.items()}
+    return merged["table"] if list(merged) == ["table"] else merged
 
 
 def summarise_sweep(results: pd.DataFrame, layered_method: str = "TV") -> pd.DataFrame:

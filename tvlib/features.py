@@ -7,18 +7,20 @@ a task.
 
 from __future__ import annotations
 
+import json
+
 import torch
 
+from .paths import TOY_DIR
 from .taskvec import collect_residuals
 
 
-def corpus_texts(preset_name: str, n_documents: int = 300, seed: int = 3000) -> list[str]:
-    """The default text corpus of a preset: the embedded model's own training mix."""
+def corpus_texts(preset_name: str) -> list[str]:
+    """The built-in text corpus of a preset (the embedded model ships ``corpus.json``)."""
     if preset_name != "toy":
         raise ValueError(f"no built-in corpus for preset {preset_name!r}: pass your own list "
                          "of texts (e.g. a slice of a pretraining dataset)")
-    from .toy import ToyConfig, generate_documents
-    return generate_documents(ToyConfig(), n_documents, seed)
+    return json.loads((TOY_DIR / "corpus.json").read_text(encoding="utf-8"))
 
 
 def tokenize_corpus(tokenizer, texts: list[str], max_length: int = 128) -> dict:
@@ -48,3 +50,81 @@ def corpus_activations(lm, sae, layer: int, corpus: dict, batch_size: int = 32) 
 def activation_density(acts: torch.Tensor) -> torch.Tensor:
     """(F,) fraction of tokens on which each feature is active."""
     return (acts > 0).float().mean(0)
+
+
+@torch.no_grad()
+def top_activations(lm, sae, layer: int, corpus: dict, features, k: int = 8,
+                    batch_size: int = 32) -> "pd.DataFrame":
+    """The ``k`` highest activations of each feature over the corpus, streamed in batches.
+
+    Returns one row per (feature, rank): activation, document index and token index.
+    """
+    import pandas as pd
+
+    features = torch.as_tensor(list(features), dtype=torch.long)
+    inputs, counted = corpus["inputs"], corpus["counted"]
+    n_docs, width = inputs["input_ids"].shape
+    best_vals = torch.full((len(features), k), -torch.inf)
+    best_where = torch.zeros((len(features), k), dtype=torch.long)     # flat token index
+    positions = torch.arange(width).expand(min(batch_size, n_docs), width)
+    for start in range(0, n_docs, batch_size):
+        chunk = {name: t[start:start + batch_size] for name, t in inputs.items()}
+        rows = chunk["input_ids"].shape[0]
+        resid = collect_residuals(lm, chunk, [layer], positions[:rows], rows)[0]  # (b, T, d)
+        acts = sae.encode(resid.to(sae.W_dec.dtype))[..., features].float()     # (b, T, f)
+        acts = acts.masked_fill(~counted[start:start + rows, :, None], -torch.inf)
+        flat = acts.reshape(-1, len(features)).T                                  # (f, b*T)
+        where = torch.arange(flat.shape[1]) + start * width
+        merged_vals = torch.cat([best_vals, flat], dim=1)
+        merged_where = torch.cat([best_where, where.expand(len(features), -1)], dim=1)
+        top = merged_vals.topk(k, dim=1)
+        best_vals, best_where = top.values, merged_where.gather(1, top.indices)
+    rows = []
+    for i, feature in enumerate(features.tolist()):
+        for rank in range(k):
+            value = best_vals[i, rank].item()
+            if value > 0:
+                doc, token = divmod(best_where[i, rank].item(), width)
+                rows.append({"feature": feature, "rank": rank, "activation": value,
+                             "doc": doc, "token": token})
+    return pd.DataFrame(rows, columns=["feature", "rank", "activation", "doc", "token"])
+
+
+def context(tokenizer, input_ids: torch.Tensor, token: int, left: int = 12,
+            right: int = 3) -> tuple[str, str, str]:
+    """(text before, the token, text after) around ``token`` of one padded row."""
+    ids = input_ids.tolist()
+    special = set(tokenizer.all_special_ids)
+    piece = lambda span: tokenizer.decode([i for i in span if i not in special])  # noqa: E731
+    return (piece(ids[max(0, token - left):token]), tokenizer.decode([ids[token]]),
+            piece(ids[token + 1:token + 1 + right]))
+
+
+def examples_html(tokenizer, corpus: dict, top, density=None, links=None) -> str:
+    """A compact HTML table: one line per feature, its top contexts with the token marked."""
+    from html import escape
+
+    ids = corpus["inputs"]["input_ids"]
+    lines = ["<table style='font-size:11px'><tr><th>feature</th><th>density</th>"
+             "<th>max-activating contexts (activation)</th></tr>"]
+    for feature, group in top.groupby("feature", sort=False):
+        shown = []
+        for r in group.itertuples():
+            before, tok, after = context(tokenizer, ids[r.doc], r.token)
+            shown.append(f"{escape(before)}<b style='background:#fd6'>{escape(tok)}</b>"
+                         f"{escape(after)} <span style='color:#888'>({r.activation:.1f})"
+                         "</span>")
+        name = str(feature)
+        if links and links.get(feature):
+            name = f"<a href='{links[feature]}' target='_blank'>{feature}</a>"
+        dens = "" if density is None else f"{density[feature].item():.3f}"
+        body = "<br>".join(s.replace("\n", "⏎") for s in shown)
+        lines.append(f"<tr><td>{name}</td><td>{dens}</td><td style='text-align:left'>{body}"
+                     "</td></tr>")
+    return "\n".join(lines + ["</table>"])
+
+
+def neuronpedia_url(sae, feature: int) -> str | None:
+    """The feature's Neuronpedia page, where sae-lens records the SAE's Neuronpedia id."""
+    neuronpedia_id = sae.cfg.metadata.neuronpedia_id
+    return f"https://www.neuronpedia.org/{neuronpedia_id}/{feature}" if neuronpedia_id else None

@@ -130,6 +130,11 @@ def _weighted(rows: pd.DataFrame, column: str, weight: str) -> float:
     return float((rows[column] * rows[weight]).sum() / rows[weight].sum())
 
 
+def task_family(name: str) -> str:
+    """"Hendel tasks", "number tasks" or "list tasks"."""
+    return {"num": "number tasks", "list": "list tasks"}.get(name.split("_")[0], "Hendel tasks")
+
+
 def summarise(tasks: pd.DataFrame) -> dict:
     """Headline numbers, pooled over tasks (each task weighted by its prompt count)."""
     def pick(method, split):
@@ -141,11 +146,16 @@ def summarise(tasks: pd.DataFrame) -> dict:
                              "shared_accuracy": _weighted(g, "shared_accuracy", "n_shared")}
                 for layer, g in pick("TV", split).groupby("layer")}
 
+    icl = pick("ICL", "heldout")
+    family = icl.task.map(task_family)
+    icl_by_family = {name: _weighted(icl[family == name], "accuracy", "n")
+                     for name in dict.fromkeys(family)}
     seen, heldout = by_layer("seen"), by_layer("heldout")
     best = max(seen, key=lambda layer: seen[layer]["shared_accuracy"])
     zero_seen, zero_heldout = pick("zero-shot", "seen"), pick("zero-shot", "heldout")
     return {
-        "icl_heldout_accuracy": _weighted(pick("ICL", "heldout"), "accuracy", "n"),
+        "icl_heldout_accuracy": _weighted(icl, "accuracy", "n"),
+        "icl_heldout_accuracy_by_family": icl_by_family,
         "zero_shot_heldout_accuracy": _weighted(zero_heldout, "accuracy", "n"),
         "zero_shot_seen_accuracy": _weighted(zero_seen, "accuracy", "n"),
         "zero_shot_seen_vocab_filtered_accuracy":
@@ -227,6 +237,8 @@ def render_card(card: dict, tasks: pd.DataFrame) -> str:
         "|---|---|",
         f"| ICL ({shots} shots), held-out pairs ({s['n_heldout_prompts']} prompts) | "
         f"{s['icl_heldout_accuracy']:.3f} |",
+        *[f"| ICL, held-out pairs, {name} only | {value:.3f} |"
+          for name, value in s["icl_heldout_accuracy_by_family"].items()],
         f"| zero-shot, held-out pairs | {s['zero_shot_heldout_accuracy']:.3f} |",
         f"| task vector at layer {best}, held-out pairs | {tv_held['accuracy']:.3f} |",
         f"| zero-shot, seen pairs ({s['n_seen_prompts']} prompts) | "

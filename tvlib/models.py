@@ -33,6 +33,7 @@ class Preset:
     sae_dir: str | None = None
     n_shots: int = 19               # demonstrations per few-shot prompt (method.md)
     dtype_cuda: str = "bfloat16"
+    max_pairs_per_task: int | None = None   # the embedded model knows only the first pairs
 
     def resid_pre_layers_with_sae(self) -> tuple[int, ...]:
         """The resid_pre layers at which an SAE can be used."""
@@ -42,7 +43,8 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "toy": Preset("toy", str(TOY_DIR / "model"), "resid_pre", tuple(range(6)),
-                  sae_dir=str(TOY_DIR / "saes"), n_shots=8, dtype_cuda="float32"),
+                  sae_dir=str(TOY_DIR / "saes"), n_shots=8, dtype_cuda="float32",
+                  max_pairs_per_task=100),
     "gpt2": Preset("gpt2", "gpt2", "resid_pre", tuple(range(12)),
                    sae_release="gpt2-small-res-jb", sae_id="blocks.{layer}.hook_resid_pre",
                    n_shots=10),

@@ -69,7 +69,7 @@ def plot_loss_vs_layer(results: pd.DataFrame, metric: str = "nll", title: str = 
             ax.set_xlabel("layer (resid_pre)")
         axes[0][0].set_ylabel({"nll": "NLL of answer (first 2 tokens)",
                                "accuracy": "first-token accuracy"}.get(metric, metric))
-        axes[0][-1].legend(loc="best")
+        axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))
         if title:
             fig.suptitle(title)
         fig.tight_layout()
@@ -104,5 +104,64 @@ def plot_ito_sweep(results: pd.DataFrame, title: str = ""):
         ax_l0.legend(fontsize=6)
         if title:
             fig.suptitle(title)
+        fig.tight_layout()
+    return fig
+
+
+def plot_l0_per_task(scores: pd.DataFrame, layer: int, title: str = ""):
+    """Active features of the SAE encoding ("Recon of TV") vs the cleaned TV, per task."""
+    rows = scores[(scores.layer == layer) & scores.method.isin(["Recon of TV", "cleaned TV"])]
+    table = rows.pivot_table(index="task", columns="method", values="l0", sort=False)
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(max(3.5, 0.45 * len(table) + 1.5), 2.8))
+        x = range(len(table))
+        ax.bar([i - 0.2 for i in x], table["Recon of TV"], 0.4, label="SAE encoding of TV",
+               color="tab:orange")
+        ax.bar([i + 0.2 for i in x], table["cleaned TV"], 0.4, label="cleaned TV",
+               color="tab:purple")
+        ax.set_xticks(list(x), table.index, rotation=45, ha="right")
+        ax.set_ylabel(f"non-zero features (layer {layer})")
+        ax.legend()
+        if title:
+            ax.set_title(title)
+        fig.tight_layout()
+    return fig
+
+
+def plot_feature_weights(features: pd.DataFrame, task: str, layer: int, top: int = 40):
+    """Normalised feature weights of the SAE encoding vs the cleaned vector (one task)."""
+    rows = features[(features.task == task) & (features.layer == layer)]
+    rows = rows.sort_values("recon_weight", ascending=False).head(top)
+    recon = rows.recon_weight / rows.recon_weight.abs().max()
+    cleaned = rows.cleaned_weight / max(rows.cleaned_weight.abs().max(), 1e-12)
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(max(4.0, 0.16 * len(rows) + 1.5), 2.6))
+        x = range(len(rows))
+        ax.bar([i - 0.2 for i in x], recon, 0.4, color="tab:blue", label="SAE encoding of TV")
+        ax.bar([i + 0.2 for i in x], cleaned, 0.4, color="tab:red", label="cleaned TV")
+        ax.set_xticks(list(x), rows.feature.astype(int), rotation=90, fontsize=6)
+        ax.set_xlabel("feature (sorted by encoding weight)")
+        ax.set_ylabel("weight / max weight")
+        ax.set_title(f"{task}, layer {layer}")
+        ax.legend()
+        fig.tight_layout()
+    return fig
+
+
+def plot_lambda_sweep(sweep: pd.DataFrame, title: str = ""):
+    """Sparsity / loss trade-off: held-out NLL and active features vs lambda."""
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(3.6, 2.6))
+        ax.plot(sweep.lam, sweep.nll, marker="o", color="tab:purple", label="held-out NLL")
+        ax.set_xscale("log")
+        ax.set_xlabel("lambda")
+        ax.set_ylabel("held-out NLL")
+        twin = ax.twinx()
+        twin.plot(sweep.lam, sweep.l0, marker="s", color="tab:gray", label="active features")
+        twin.set_ylabel("active features")
+        twin.spines["right"].set_visible(True)
+        if title:
+            ax.set_title(title)
+        fig.legend(loc="upper center", ncols=2, fontsize=7)
         fig.tight_layout()
     return fig

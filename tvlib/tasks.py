@@ -56,6 +56,10 @@ class Task:
     def as_dict(self) -> dict[str, str]:
         return dict(self.pairs)
 
+    def head(self, n: int | None) -> Task:
+        """The first ``n`` pairs (all when ``n`` is None)."""
+        return self if n is None else Task(self.name, self.pairs[:n])
+
 
 class _JsonObject(list):
     """A JSON object kept as its list of (key, value) pairs, so duplicate keys stay visible."""
@@ -160,3 +164,22 @@ def load_tasks(names) -> dict[str, Task]:
         raise TaskDataError("no tasks given: pass at least one task name, e.g. ['antonyms']")
     tasks = [load_task(n) for n in names]
     return {task.name: task for task in tasks}
+
+
+def load_task_dir(root: str | Path) -> dict[str, Task]:
+    """Every task JSON under ``root`` (e.g. a clone of Hendel's or Todd's repository).
+
+    Tasks are named by file stem; a stem found twice is an error naming both files.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise TaskDataError(f"{root} is not a folder of task JSON files")
+    tasks, sources = {}, {}
+    for path in sorted(root.rglob("*.json")):
+        if path.stem in tasks:
+            raise TaskDataError(f"two task files are named {path.stem!r}: {sources[path.stem]} "
+                                f"and {path}; load one of them with load_task_file")
+        tasks[path.stem], sources[path.stem] = load_task_file(path), path
+    if not tasks:
+        raise TaskDataError(f"no .json task files under {root}")
+    return tasks

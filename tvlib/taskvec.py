@@ -145,3 +145,14 @@ def task_vectors(lm, few_shot: PromptBatch, layers, positions: str = "all",
         raise ValueError(f"positions must be 'all' or 'last', not {positions!r}")
     resid = collect_residuals(lm, few_shot.model_inputs(), layers, pos, batch_size)   # (L, B, S, d)
     return resid.flatten(1, 2).nanmean(1)
+
+
+def detector_vectors(lm, few_shot: PromptBatch, layers, batch_size: int = 64) -> torch.Tensor:
+    """Mean resid_pre at the last token of every demonstration's answer: (n_layers, d).
+
+    The "task detector" vector of method.md section 4; it is steered in at the
+    placeholder ``Y`` of one-shot prompts (``detector_prompts``).
+    """
+    resid = collect_residuals(lm, few_shot.model_inputs(), layers, few_shot.answer_end_pos,
+                              batch_size)                                 # (L, B, D, d)
+    return resid.flatten(1, 2).nanmean(1)

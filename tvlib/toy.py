@@ -19,7 +19,7 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -88,11 +88,12 @@ class ToyConfig:
     # SAEs (sae-lens), one per layer at resid_pre
     sae_architecture: str = "gated"
     sae_expansion: int = 8
-    sae_l1_coefficient: float = 20.0
+    sae_l1_coefficient: float = 4.0
+    sae_normalize: str = "expected_average_only_in"   # inputs scaled to norm sqrt(d) in training
     sae_lr: float = 1e-3
     sae_train_tokens: int = 500_000
     sae_seed_offset: int = 1000         # SAE data uses seed + this, unseen by the model
-    extra: dict = field(default_factory=dict)
+    corpus_seed_offset: int = 3000      # the shipped feature-reading corpus
 
     @property
     def sae_layers(self) -> tuple[int, ...]:
@@ -102,11 +103,7 @@ class ToyConfig:
 # ---------------------------------------------------------------- pairs and splits
 
 def toy_tasks(cfg: ToyConfig) -> dict[str, Task]:
-    tasks = {}
-    for name in cfg.tasks:
-        task = load_task(name)
-        tasks[name] = Task(name, task.pairs[:cfg.max_pairs_per_task])
-    return tasks
+    return {name: load_task(name).head(cfg.max_pairs_per_task) for name in cfg.tasks}
 
 
 def is_heldout(x: str, cfg: ToyConfig) -> bool:
@@ -315,6 +312,7 @@ def train_saes(cfg: ToyConfig, model_dir: Path, out_dir: Path, log=print,
         runner_cfg = LanguageModelSAERunnerConfig(
             sae=sae_config_class(d_in=cfg.d_model, d_sae=cfg.d_model * cfg.sae_expansion,
                                  l1_coefficient=cfg.sae_l1_coefficient,
+                                 normalize_activations=cfg.sae_normalize,
                                  apply_b_dec_to_input=True),
             model_name=str(model_dir), model_class_name="AutoModelForCausalLM",
             hook_name=resid_pre_hook_name(layer), dataset_path="local",
@@ -323,6 +321,7 @@ def train_saes(cfg: ToyConfig, model_dir: Path, out_dir: Path, log=print,
             training_tokens=cfg.sae_train_tokens, train_batch_size_tokens=2048,
             n_batches_in_buffer=16, store_batch_size_prompts=16, lr=cfg.sae_lr,
             lr_warm_up_steps=50, n_eval_batches=2, seed=seed + layer, device="cpu",
+            n_batches_for_norm_estimate=20,
             logger=LoggingConfig(log_to_wandb=False), output_path=None,
             checkpoint_path=None, n_checkpoints=0, verbose=False)
         runner = LanguageModelSAETrainingRunner(runner_cfg, override_dataset=dataset)
@@ -345,6 +344,12 @@ def _record_site(sae_dir: Path, layer: int) -> None:
     path.write_text(json.dumps(cfg, indent=2))
 
 
+def write_corpus(cfg: ToyConfig, path: Path, n_documents: int = 400) -> None:
+    """The text corpus shipped for reading features: unseen documents of the training mix."""
+    docs = generate_documents(cfg, n_documents, cfg.seed + cfg.corpus_seed_offset)
+    path.write_text(json.dumps(docs, indent=0, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 # ---------------------------------------------------------------- command line
 
 def train_all(cfg: ToyConfig, out_dir: Path = TOY_DIR, skip_model: bool = False) -> None:
@@ -365,14 +370,17 @@ def train_all(cfg: ToyConfig, out_dir: Path = TOY_DIR, skip_model: bool = False)
         else:
             model_stats = train_model(cfg, scratch / "model", log)
         sae_stats = train_saes(cfg, scratch / "model", scratch / "saes", log)
+        write_corpus(cfg, scratch / "corpus.json")
         record = {"config": asdict(cfg), "model": model_stats, "saes": sae_stats,
                   "total_seconds": round(time.time() - start, 1),
                   "torch_threads": torch.get_num_threads()}
         (scratch / "training.json").write_text(json.dumps(record, indent=2))
         (scratch / "training.log").write_text("\n".join(log_lines) + "\n")
+        backup = out_dir.with_name(out_dir.name + "-previous")
         if out_dir.exists():
-            shutil.rmtree(out_dir)
+            out_dir.rename(backup)          # the old files survive until the new ones are in
         scratch.rename(out_dir)
+        shutil.rmtree(backup, ignore_errors=True)
     finally:
         if scratch.exists():
             shutil.rmtree(scratch)

@@ -1,0 +1,87 @@
+"""Time the cleanup loop (tvlib, nnsight) against the same loop in plain PyTorch hooks.
+
+Both optimise the same SAE weights on the same model, prompts and layer for the
+same number of steps (no early stopping). The plain version registers a
+forward pre-hook on block L that adds the steering vector and runs the whole
+model every step; tvlib skips the blocks before L (their output is cached).
+
+    python benchmarks/cleanup_loop.py [--steps 200] [--layer 3]
+"""
+
+import argparse
+import json
+import time
+
+import torch
+
+from tvlib.cleanup import CleanupConfig, _activation, _nll, cleanup, initial_theta
+from tvlib.experiments import PromptConfig, build_task_prompts
+from tvlib.models import load_model, load_sae
+from tvlib.tasks import load_task
+from tvlib.taskvec import task_vectors
+
+
+def plain_pytorch_loop(lm, sae, layer, tv, train, cfg: CleanupConfig, steps: int):
+    """The reference: hooks on the Hugging Face model, full forward each step."""
+    model = lm._module
+    act = _activation(sae)
+    theta = initial_theta(sae, tv).requires_grad_(True)
+    optimizer = torch.optim.Adam([theta], lr=cfg.lr)
+    dec_norms = sae.W_dec.detach().norm(dim=-1)
+    l1_scale = tv.shape[-1] ** 0.5 / tv.norm().item()
+    rows = torch.arange(len(train))
+    predict_pos = (train.target_pos - 1).clamp(min=0)
+    steering = {}
+
+    def hook(module, args, kwargs):
+        h = args[0].clone()
+        h[rows, train.steer_pos] += steering["v"]
+        return (h, *args[1:]), kwargs
+
+    handle = model.model.layers[layer].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for _ in range(steps):
+            w = act(theta)
+            steering["v"] = sae.decode(w)
+            logits = model(**train.model_inputs()).logits
+            loss = _nll(logits[rows.unsqueeze(-1), predict_pos], train.targets) + \
+                cfg.lam * (w * dec_norms).sum() * l1_scale
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        handle.remove()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--layer", type=int, default=3)
+    parser.add_argument("--task", default="antonyms")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    lm = load_model("toy")
+    sae = load_sae("toy", args.layer)
+    prompts = build_task_prompts(lm.tokenizer, load_task(args.task), PromptConfig())
+    tv = task_vectors(lm, prompts.few_shot, [args.layer])[0]
+    cfg = CleanupConfig(max_steps=args.steps, patience=args.steps + 1, progress=False)
+    timings = {"tvlib (nnsight, cached early blocks)": [], "plain PyTorch hooks": []}
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        cleanup(lm, sae, args.layer, tv, prompts.train, cfg=cfg)
+        timings["tvlib (nnsight, cached early blocks)"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        plain_pytorch_loop(lm, sae, args.layer, tv, prompts.train, cfg, args.steps)
+        timings["plain PyTorch hooks"].append(time.perf_counter() - start)
+    best = {name: min(t) for name, t in timings.items()}
+    report = {"steps": args.steps, "layer": args.layer, "batch": len(prompts.train),
+              "best_seconds": best,
+              "ms_per_step": {n: 1000 * t / args.steps for n, t in best.items()},
+              "ratio_tvlib_over_plain": best["tvlib (nnsight, cached early blocks)"] /
+              best["plain PyTorch hooks"]}
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Golden numbers of the shipped embedded model at a fixed seed.
+
+If the model, the prompts or the scoring change, these move; update them only
+after checking that the change is intended (re-pin by running this module's
+``measure()`` and pasting its output).
+"""
+
+import pandas as pd
+import pytest
+
+from tvlib.experiments import PromptConfig, build_task_prompts, model_tasks, task_vector_sweep
+
+TASKS = ("antonyms", "en_es", "num_plus_1")
+LAYERS = (2, 5)
+
+# (task, method, layer): (accuracy, nll); layer -1 for the baselines
+GOLDEN = {
+    ('antonyms', 'zero-shot', -1): (0.76, 0.8449),
+    ('antonyms', 'ICL', -1): (0.9375, 0.348),
+    ('antonyms', 'TV', 2): (0.7, 1.7205),
+    ('antonyms', 'TV', 5): (0.92, 0.303),
+    ('en_es', 'zero-shot', -1): (0.28, 1.6419),
+    ('en_es', 'ICL', -1): (0.9375, 0.2693),
+    ('en_es', 'TV', 2): (0.32, 2.1625),
+    ('en_es', 'TV', 5): (0.84, 0.9066),
+    ('num_plus_1', 'zero-shot', -1): (0.3878, 1.3603),
+    ('num_plus_1', 'ICL', -1): (0.9375, 0.2275),
+    ('num_plus_1', 'TV', 2): (0.2449, 1.9106),
+    ('num_plus_1', 'TV', 5): (0.5918, 1.2322),
+}
+
+
+def measure(lm) -> dict:
+    rows = pd.concat([task_vector_sweep(lm, build_task_prompts(lm.tokenizer, task,
+                                                               PromptConfig(seed=0)), LAYERS)
+                      for task in model_tasks(lm, TASKS).values()])
+    return {(r.task, r.method, -1 if pd.isna(r.layer) else int(r.layer)):
+            (round(r.accuracy, 4), round(r.nll, 4)) for r in rows.itertuples()}
+
+
+def test_golden_numbers(toy_lm):
+    got = measure(toy_lm)
+    assert got.keys() == GOLDEN.keys()
+    for key, (accuracy, nll) in GOLDEN.items():
+        assert got[key][0] == pytest.approx(accuracy, abs=1e-4), key
+        assert got[key][1] == pytest.approx(nll, abs=1e-3), key

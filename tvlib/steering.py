@@ -1,0 +1,69 @@
+"""Steering with single SAE features, batched over a (task x feature) grid.
+
+For each task's prompts and each feature f, ``scale * W_dec[f] / ||W_dec[f]||``
+is added at the steer token (the separator of zero-shot prompts, or ``Y`` of
+detector prompts) and the answer NLL is compared with the unsteered NLL.
+Many features share one forward pass: the prompts are repeated once per
+feature and each copy gets its own vector.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+
+from .prompts import PromptBatch
+from .taskvec import Steering, score
+
+
+def feature_directions(sae, features) -> torch.Tensor:
+    """(n_features, d) unit decoder directions."""
+    W = sae.W_dec.detach().float()[torch.as_tensor(list(features), dtype=torch.long)]
+    return W / W.norm(dim=-1, keepdim=True)
+
+
+def repeat_batch(batch: PromptBatch, times: int) -> PromptBatch:
+    """``times`` copies of the batch stacked along rows (copy-major)."""
+    index = torch.arange(len(batch)).repeat(times)
+    return batch.select(index)
+
+
+def steering_grid(lm, batches: dict[str, PromptBatch], layer: int, sae, features,
+                  scale: float = 20.0, features_per_pass: int = 16,
+                  batch_size: int = 256) -> pd.DataFrame:
+    """Relative loss change of each (task, feature) when steering with the feature alone.
+
+    Returns one row per (task, feature): loss, base_loss, relative_change =
+    (loss - base_loss) / base_loss.
+    """
+    features = list(features)
+    if not features:
+        raise ValueError("no features to steer with")
+    directions = feature_directions(sae, features)                         # (F, d)
+    rows = []
+    for task, batch in batches.items():
+        base = score(lm, batch, batch_size=batch_size).nll.mean().item()
+        for start in range(0, len(features), features_per_pass):
+            block = directions[start:start + features_per_pass]            # (f, d)
+            big = repeat_batch(batch, len(block))                         # (f*B) rows
+            vectors = (scale * block).repeat_interleave(len(batch), dim=0)  # (f*B, d)
+            nll = score(lm, big, Steering(layer, vectors), batch_size).nll
+            for feature, loss in zip(features[start:start + len(block)],
+                                     nll.view(len(block), len(batch)).mean(1).tolist()):
+                rows.append({"task": task, "feature": feature, "loss": loss,
+                             "base_loss": base, "relative_change": (loss - base) / base})
+    return pd.DataFrame(rows)
+
+
+def steering_grid_loop(lm, batches: dict[str, PromptBatch], layer: int, sae, features,
+                       scale: float = 20.0) -> pd.DataFrame:
+    """The same grid, one forward pass per cell (the reference for tests and benchmarks)."""
+    directions = feature_directions(sae, features)
+    rows = []
+    for task, batch in batches.items():
+        base = score(lm, batch).nll.mean().item()
+        for feature, direction in zip(features, directions):
+            loss = score(lm, batch, Steering(layer, scale * direction)).nll.mean().item()
+            rows.append({"task": task, "feature": feature, "loss": loss, "base_loss": base,
+                         "relative_change": (loss - base) / base})
+    return pd.DataFrame(rows)
