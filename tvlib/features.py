@@ -1,14 +1,16 @@
-"""Reading SAE features: activation density over a text corpus.
+"""Reading SAE features over a text corpus: max-activating contexts and density.
 
 Density is the fraction of corpus tokens (BOS and padding excluded) on which a
 feature is active; dense features fire almost everywhere and say little about
-a task.
+a task. Public SAEs also get a link to their Neuronpedia page.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
+import pandas as pd
 import torch
 
 from .paths import TOY_DIR
@@ -38,56 +40,51 @@ def tokenize_corpus(tokenizer, texts: list[str], max_length: int = 128) -> dict:
     return {"inputs": inputs, "counted": mask}
 
 
-@torch.no_grad()
-def corpus_activations(lm, sae, layer: int, corpus: dict, batch_size: int = 32) -> torch.Tensor:
-    """SAE feature activations on every counted corpus token: (n_tokens, F)."""
-    ids = corpus["inputs"]["input_ids"]
-    positions = torch.arange(ids.shape[1]).expand_as(ids)
-    resid = collect_residuals(lm, corpus["inputs"], [layer], positions, batch_size)[0]
-    return sae.encode(resid[corpus["counted"]].to(sae.W_dec.dtype))
-
-
-def activation_density(acts: torch.Tensor) -> torch.Tensor:
-    """(F,) fraction of tokens on which each feature is active."""
-    return (acts > 0).float().mean(0)
+@dataclass
+class FeatureReading:
+    top: pd.DataFrame        # (feature, rank, activation, doc, token) of the top-k contexts
+    density: torch.Tensor    # (F,) fraction of counted tokens on which each feature fires
 
 
 @torch.no_grad()
-def top_activations(lm, sae, layer: int, corpus: dict, features, k: int = 8,
-                    batch_size: int = 32) -> "pd.DataFrame":
-    """The ``k`` highest activations of each feature over the corpus, streamed in batches.
+def read_features(lm, sae, layer: int, corpus: dict, features=(), k: int = 8,
+                  batch_size: int = 32) -> FeatureReading:
+    """One pass over the corpus: the ``k`` top contexts of ``features`` and every density.
 
-    Returns one row per (feature, rank): activation, document index and token index.
+    Memory stays at one batch of activations, whatever the corpus size.
     """
-    import pandas as pd
-
     features = torch.as_tensor(list(features), dtype=torch.long)
     inputs, counted = corpus["inputs"], corpus["counted"]
     n_docs, width = inputs["input_ids"].shape
+    fires = torch.zeros(sae.cfg.d_sae)
     best_vals = torch.full((len(features), k), -torch.inf)
     best_where = torch.zeros((len(features), k), dtype=torch.long)     # flat token index
-    positions = torch.arange(width).expand(min(batch_size, n_docs), width)
     for start in range(0, n_docs, batch_size):
         chunk = {name: t[start:start + batch_size] for name, t in inputs.items()}
         rows = chunk["input_ids"].shape[0]
-        resid = collect_residuals(lm, chunk, [layer], positions[:rows], rows)[0]  # (b, T, d)
-        acts = sae.encode(resid.to(sae.W_dec.dtype))[..., features].float()     # (b, T, f)
-        acts = acts.masked_fill(~counted[start:start + rows, :, None], -torch.inf)
-        flat = acts.reshape(-1, len(features)).T                                  # (f, b*T)
-        where = torch.arange(flat.shape[1]) + start * width
-        merged_vals = torch.cat([best_vals, flat], dim=1)
-        merged_where = torch.cat([best_where, where.expand(len(features), -1)], dim=1)
-        top = merged_vals.topk(k, dim=1)
-        best_vals, best_where = top.values, merged_where.gather(1, top.indices)
+        positions = torch.arange(width).expand(rows, width)
+        resid = collect_residuals(lm, chunk, [layer], positions, rows)[0]   # (b, T, d)
+        mask = counted[start:start + rows]                                  # (b, T)
+        acts = sae.encode(resid.to(sae.W_dec.dtype)).float()                # (b, T, F)
+        fires += (acts[mask] > 0).sum(0)
+        if len(features):
+            picked = acts[..., features].masked_fill(~mask[..., None], -torch.inf)
+            flat = picked.reshape(-1, len(features)).T                      # (f, b*T)
+            where = torch.arange(flat.shape[1]) + start * width
+            merged_vals = torch.cat([best_vals, flat], dim=1)
+            merged_where = torch.cat([best_where, where.expand(len(features), -1)], dim=1)
+            top = merged_vals.topk(k, dim=1)
+            best_vals, best_where = top.values, merged_where.gather(1, top.indices)
     rows = []
     for i, feature in enumerate(features.tolist()):
         for rank in range(k):
-            value = best_vals[i, rank].item()
-            if value > 0:
+            if best_vals[i, rank] > 0:
                 doc, token = divmod(best_where[i, rank].item(), width)
-                rows.append({"feature": feature, "rank": rank, "activation": value,
-                             "doc": doc, "token": token})
-    return pd.DataFrame(rows, columns=["feature", "rank", "activation", "doc", "token"])
+                rows.append({"feature": feature, "rank": rank,
+                             "activation": best_vals[i, rank].item(), "doc": doc,
+                             "token": token})
+    top = pd.DataFrame(rows, columns=["feature", "rank", "activation", "doc", "token"])
+    return FeatureReading(top, fires / counted.sum())
 
 
 def context(tokenizer, input_ids: torch.Tensor, token: int, left: int = 12,

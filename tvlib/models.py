@@ -9,7 +9,6 @@ reads the same tensor as resid_pre L+1; presets record their SAE site and
 from __future__ import annotations
 
 import hashlib
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +71,7 @@ def load_model(preset: str | Preset, device: str | None = None):
 
     CPU runs in float32; CUDA uses the preset's ``dtype_cuda``.
     """
-    from nnsight import LanguageModel
+    from nnsight.modeling.transformers import TransformersModel
 
     preset = get_preset(preset) if isinstance(preset, str) else preset
     device = device or default_device()
@@ -81,13 +80,13 @@ def load_model(preset: str | Preset, device: str | None = None):
             f"the embedded model is missing from {preset.model_id}; restore data/toy from "
             "git or rebuild it with `python -m tvlib.toy train`")
     dtype = torch.float32 if device == "cpu" else getattr(torch, preset.dtype_cuda)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=DeprecationWarning)
-        lm = LanguageModel(preset.model_id, device_map=device, dtype=dtype, dispatch=True)
+    lm = TransformersModel(preset.model_id, task="text-generation", device_map=device,
+                           dtype=dtype, dispatch=True)
     lm.tokenizer.padding_side = "left"
     if lm.tokenizer.pad_token is None:
         lm.tokenizer.pad_token = lm.tokenizer.eos_token
     lm._module.eval()
+    lm._module.requires_grad_(False)   # the model is never trained here; gradients go to vectors
     lm.preset = preset
     return lm
 
