@@ -42,7 +42,10 @@ def save_figure(fig, name: str, out_dir: Path | None = None) -> list[Path]:
     paths = []
     for suffix in ("png", "pdf"):
         path = out_dir / f"{name}.{suffix}"
-        write_atomic(path, lambda p, s=suffix: fig.savefig(p, format=s, bbox_inches="tight"))
+        # no creation date in the metadata: the same figure gives the same bytes
+        metadata = {"CreationDate": None} if suffix == "pdf" else {}
+        write_atomic(path, lambda p, s=suffix, m=metadata: fig.savefig(
+            p, format=s, bbox_inches="tight", metadata=m))
         paths.append(path)
     return paths
 
