@@ -132,7 +132,7 @@ def cleanup(lm, sae, layer: int, tv: torch.Tensor, train: PromptBatch,
                            initial_weights=act(theta0).detach())
     best_l0, since_best = None, 0
     bar = tqdm(range(cfg.max_steps), desc=f"cleanup L{layer}", disable=not cfg.progress,
-               leave=False)
+               leave=False, mininterval=1.0)
     for step in bar:
         w = act(theta)                                                   # (F,)
         v = decode(w)                                                    # (d,)

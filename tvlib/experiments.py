@@ -15,9 +15,11 @@ import pandas as pd
 from .cache import cached_table, cached_tables, config_key
 from .cleanup import CleanupConfig, cleanup
 from .models import load_sae, model_fingerprint, n_layers
-from .prompts import PromptBatch, few_shot_prompts, tokenize_prompts, zero_shot_prompts
+from .prompts import (PromptBatch, detector_prompts, few_shot_prompts, tokenize_prompts,
+                      zero_shot_prompts)
 from .sae_views import check_sae_site, ito, recon_of_tv, tv_on_recon
-from .taskvec import Steering, collect_residuals, score, task_vectors
+from .steering import steering_grid
+from .taskvec import Steering, collect_residuals, detector_vectors, score, task_vectors
 from .tasks import Task, TaskDataError, load_tasks
 
 
@@ -40,6 +42,8 @@ class TaskPrompts:
     few_shot: PromptBatch      # demonstrations + query, answer appended
     zero_shot: PromptBatch     # evaluation pairs, answer appended
     train: PromptBatch         # zero-shot prompts for optimisation, disjoint from evaluation
+    detector_eval: PromptBatch   # one-shot "X -> Y" prompts on the evaluation pairs
+    detector_train: PromptBatch  # the same on the optimisation pairs
 
 
 def model_tasks(lm, names) -> dict[str, Task]:
@@ -65,8 +69,10 @@ def build_task_prompts(tokenizer, task: Task, cfg: PromptConfig) -> TaskPrompts:
                            queries=pool, demo_pool=pool)
     zero = zero_shot_prompts(eval_pairs, cfg.fmt)
     train = zero_shot_prompts(pool[:cfg.n_train], cfg.fmt)
+    detector_eval = detector_prompts(eval_pairs, cfg.fmt)
+    detector_train = detector_prompts(pool[:cfg.n_train], cfg.fmt)
     return TaskPrompts(task, *(tokenize_prompts(tokenizer, p, cfg.n_first)
-                               for p in (few, zero, train)))
+                               for p in (few, zero, train, detector_eval, detector_train)))
 
 
 def _row(task: str, method: str, layer, scores) -> dict:
@@ -185,6 +191,36 @@ def first_pursuit_features(lm, tasks, sae, layer: int, n_features: int, density,
     return pd.DataFrame(rows)
 
 
+def clean_vectors(lm, name: str, label: str, vectors, layers, train: PromptBatch,
+                  evaluate: PromptBatch, cfg: CleanupConfig, batch_size: int = 32,
+                  seed: int = 0) -> tuple[list, list]:
+    """Score raw and cleaned versions of per-layer ``vectors``; rows and feature weights.
+
+    Methods: ``label`` (the raw vector), "Recon of {label}" (its SAE encoding
+    decoded) and "cleaned {label}" (scored on ``evaluate``, trained on ``train``).
+    """
+    rows, features = [], []
+    for layer, vector in zip(layers, vectors):
+        sae = load_sae(lm.preset, layer)
+        check_sae_site(sae, lm, layer)
+        result = cleanup(lm, sae, layer, vector, train, evaluate, cfg, seed)
+        rows.append({**_row(name, label, layer, score(lm, evaluate, Steering(layer, vector),
+                                                      batch_size)), "l0": None})
+        rows.append({**_row(name, f"Recon of {label}", layer, score(
+            lm, evaluate, Steering(layer, sae.decode(result.initial_weights)), batch_size)),
+            "l0": int((result.initial_weights > 0).sum())})
+        rows.append({"task": name, "method": f"cleaned {label}", "layer": layer,
+                     "nll": result.heldout_nll, "accuracy": result.heldout_accuracy,
+                     "n_prompts": len(evaluate), "l0": int((result.weights > 0).sum()),
+                     "steps": result.steps, "train_nll_start": result.nll[0],
+                     "train_nll_end": result.nll[-1]})
+        for feature in (result.initial_weights > 0).nonzero().squeeze(-1).tolist():
+            features.append({"task": name, "layer": layer, "feature": feature,
+                             "recon_weight": result.initial_weights[feature].item(),
+                             "cleaned_weight": result.weights[feature].item()})
+    return rows, features
+
+
 def cleanup_sweep(lm, prompts: TaskPrompts, layers, cfg: CleanupConfig,
                   batch_size: int = 32, seed: int = 0) -> dict[str, pd.DataFrame]:
     """TV and cleaned TV at each layer, plus baselines (notebook 04).
@@ -196,56 +232,125 @@ def cleanup_sweep(lm, prompts: TaskPrompts, layers, cfg: CleanupConfig,
     name = prompts.task.name
     rows = [_row(name, "zero-shot", None, score(lm, prompts.zero_shot, batch_size=batch_size)),
             _row(name, "ICL", None, score(lm, prompts.few_shot, batch_size=batch_size))]
-    features = []
     vectors = task_vectors(lm, prompts.few_shot, layers, batch_size=batch_size)
-    for layer, tv in zip(layers, vectors):
-        sae = load_sae(lm.preset, layer)
-        check_sae_site(sae, lm, layer)
-        result = cleanup(lm, sae, layer, tv, prompts.train, prompts.zero_shot, cfg, seed)
-        l0_init, l0_final = int((result.initial_weights > 0).sum()), result.l0[-1]
-        rows.append({**_row(name, "TV", layer, score(lm, prompts.zero_shot,
-                                                      Steering(layer, tv), batch_size)),
-                     "l0": None})
-        rows.append({**_row(name, "Recon of TV", layer, score(
-            lm, prompts.zero_shot, Steering(layer, sae.decode(result.initial_weights)),
-            batch_size)), "l0": l0_init})
-        rows.append({"task": name, "method": "cleaned TV", "layer": layer,
-                     "nll": result.heldout_nll, "accuracy": result.heldout_accuracy,
-                     "n_prompts": len(prompts.zero_shot), "l0": int((result.weights > 0).sum()),
-                     "steps": result.steps, "train_nll_start": result.nll[0],
-                     "train_nll_end": result.nll[-1], "l0_last_step": l0_final})
-        active = (result.initial_weights > 0).nonzero().squeeze(-1)
-        for feature in active.tolist():
-            features.append({"task": name, "layer": layer, "feature": feature,
-                             "recon_weight": result.initial_weights[feature].item(),
-                             "cleaned_weight": result.weights[feature].item()})
-    return {"scores": pd.DataFrame(rows), "features": pd.DataFrame(features)}
+    cleaned, features = clean_vectors(lm, name, "TV", vectors, layers, prompts.train,
+                                      prompts.zero_shot, cfg, batch_size, seed)
+    return {"scores": pd.DataFrame(rows + cleaned), "features": pd.DataFrame(features)}
+
+
+def detector_sweep(lm, prompts: TaskPrompts, layers, cfg: CleanupConfig,
+                   batch_size: int = 32, seed: int = 0) -> dict[str, pd.DataFrame]:
+    """Detector vectors (answer tokens) raw and cleaned, steered at ``Y`` (notebook 05)."""
+    name = prompts.task.name
+    rows = [_row(name, "one-shot (X -> Y)", None, score(lm, prompts.detector_eval,
+                                                        batch_size=batch_size)),
+            _row(name, "ICL", None, score(lm, prompts.few_shot, batch_size=batch_size))]
+    vectors = detector_vectors(lm, prompts.few_shot, layers, batch_size)
+    cleaned, features = clean_vectors(lm, name, "detector", vectors, layers,
+                                      prompts.detector_train, prompts.detector_eval, cfg,
+                                      batch_size, seed)
+    return {"scores": pd.DataFrame(rows + cleaned), "features": pd.DataFrame(features)}
+
+
+def _run_cleaning(experiment: str, sweep, lm, tasks, layers, prompt_cfg, cfg: CleanupConfig,
+                  batch_size: int, refresh: bool) -> dict[str, pd.DataFrame]:
+    """Run a cleaning ``sweep`` (cleanup_sweep or detector_sweep) per task, cached."""
+    prompt_cfg = prompt_cfg or PromptConfig()
+    layers = list(lm.preset.resid_pre_layers_with_sae()) if layers is None else list(layers)
+    settings = {"layers": layers, **{k: v for k, v in asdict(cfg).items() if k != "progress"}}
+    return run_per_task(experiment, lm, tasks, prompt_cfg, settings,
+                        lambda p: sweep(lm, p, layers, cfg, batch_size, prompt_cfg.seed),
+                        refresh)
 
 
 def run_cleanup_sweep(lm, tasks, layers=None, prompt_cfg: PromptConfig | None = None,
                       cfg: CleanupConfig = CleanupConfig(), batch_size: int = 32,
                       refresh: bool = False) -> dict[str, pd.DataFrame]:
     """``cleanup_sweep`` for each task, cached; returns the "scores" and "features" tables."""
+    return _run_cleaning("cleanup_sweep", cleanup_sweep, lm, tasks, layers, prompt_cfg, cfg,
+                         batch_size, refresh)
+
+
+def run_detector_sweep(lm, tasks, layers=None, prompt_cfg: PromptConfig | None = None,
+                       cfg: CleanupConfig = CleanupConfig(init="pursuit", lam=5e-4),
+                       batch_size: int = 32, refresh: bool = False) -> dict[str, pd.DataFrame]:
+    """``detector_sweep`` for each task, cached (defaults: the authors' pursuit init, k=7)."""
+    return _run_cleaning("detector_sweep", detector_sweep, lm, tasks, layers, prompt_cfg, cfg,
+                         batch_size, refresh)
+
+
+def earliest_effective_layer(scores: pd.DataFrame, method: str, baseline: str,
+                             min_gain: float = 0.2) -> pd.Series:
+    """Per task, the first layer where ``method`` lowers the baseline NLL by ``min_gain`` (relative)."""
+    out = {}
+    for task, group in scores.groupby("task", sort=False):
+        base = group[group.method == baseline].nll.iloc[0]
+        steered = group[group.method == method].sort_values("layer")
+        good = steered[steered.nll <= (1 - min_gain) * base]
+        out[task] = int(good.layer.iloc[0]) if len(good) else None
+    return pd.Series(out, name=method, dtype="object")
+
+
+def top_cleaned_features(features: pd.DataFrame, layer: int, n: int = 1) -> dict[str, list]:
+    """Per task, its ``n`` cleaned features with the largest weight at ``layer``."""
+    rows = features[(features.layer == layer) & (features.cleaned_weight > 0)]
+    return {task: g.nlargest(n, "cleaned_weight").feature.astype(int).tolist()
+            for task, g in rows.groupby("task", sort=False)}
+
+
+def run_steering_matrix(lm, tasks, layer: int, features_by_task: dict[str, list],
+                        prompt_cfg: PromptConfig | None = None, scale: float = 20.0,
+                        detectors: bool = False, refresh: bool = False) -> pd.DataFrame:
+    """Relative loss change for every (task, feature), steering with one feature at a time.
+
+    Task features are added at the separator of zero-shot prompts; with
+    ``detectors`` at ``Y`` of one-shot detector prompts. ``feature_task`` names the
+    task whose cleaned vector the feature came from.
+    """
     prompt_cfg = prompt_cfg or PromptConfig()
-    layers = list(lm.preset.resid_pre_layers_with_sae()) if layers is None else list(layers)
-    settings = {"layers": layers, **{k: v for k, v in asdict(cfg).items() if k != "progress"}}
-    return run_per_task("cleanup_sweep", lm, tasks, prompt_cfg, settings,
-                        lambda p: cleanup_sweep(lm, p, layers, cfg, batch_size,
-                                                prompt_cfg.seed), refresh)
+    loaded = model_tasks(lm, tasks)
+    features = list(dict.fromkeys(f for fs in features_by_task.values() for f in fs))
+    config = {"experiment": "steering_matrix", "model": model_fingerprint(lm),
+              "tasks": {n: config_key(t.pairs) for n, t in loaded.items()}, "layer": layer,
+              "features": features, "scale": scale, "detectors": detectors,
+              **asdict(prompt_cfg)}
+
+    def compute():
+        batches = {}
+        for name, task in loaded.items():
+            prompts = build_task_prompts(lm.tokenizer, task, prompt_cfg)
+            batches[name] = prompts.detector_eval if detectors else prompts.zero_shot
+        sae = load_sae(lm.preset, layer)
+        check_sae_site(sae, lm, layer)
+        grid = steering_grid(lm, batches, layer, sae, features, scale)
+        origin = {f: t for t, fs in features_by_task.items() for f in fs}
+        grid["feature_task"] = grid.feature.map(origin)
+        return grid
+
+    return cached_table("steering_matrix", config, compute, refresh=refresh)
 
 
-def cleanup_report(scores: pd.DataFrame) -> pd.DataFrame:
-    """Per (task, layer): features before/after cleanup and whether cleaned loss <= TV loss."""
+def own_feature_wins(grid: pd.DataFrame) -> pd.Series:
+    """Per task row: is the strongest loss decrease given by a feature from that task?"""
+    out = {}
+    for task, row in grid.groupby("task", sort=False):
+        best = row.loc[row.relative_change.idxmin()]
+        out[task] = bool(best.feature_task == task and best.relative_change < 0)
+    return pd.Series(out, name="own feature is the strongest decrease")
+
+
+def cleanup_report(scores: pd.DataFrame, label: str = "TV") -> pd.DataFrame:
+    """Per (task, layer): features before/after cleanup and whether cleaned loss <= raw loss."""
     layered = scores.dropna(subset=["layer"])
     table = layered.pivot_table(index=["task", "layer"], columns="method",
                                 values=["nll", "l0"], sort=False)
     report = pd.DataFrame({
-        "features (SAE encoding)": table[("l0", "Recon of TV")].astype(int),
-        "features (cleaned)": table[("l0", "cleaned TV")].astype(int),
-        "TV nll": table[("nll", "TV")],
-        "Recon of TV nll": table[("nll", "Recon of TV")],
-        "cleaned nll": table[("nll", "cleaned TV")]})
-    report["cleaned <= TV"] = report["cleaned nll"] <= report["TV nll"]
+        "features (SAE encoding)": table[("l0", f"Recon of {label}")].astype(int),
+        "features (cleaned)": table[("l0", f"cleaned {label}")].astype(int),
+        f"{label} nll": table[("nll", label)],
+        f"Recon of {label} nll": table[("nll", f"Recon of {label}")],
+        "cleaned nll": table[("nll", f"cleaned {label}")]})
+    report[f"cleaned <= {label}"] = report["cleaned nll"] <= report[f"{label} nll"]
     return report
 
 

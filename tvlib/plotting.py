@@ -27,6 +27,9 @@ METHOD_STYLE = {
     "TV on recon": dict(color="tab:green", marker="^", markersize=3),
     "ITO": dict(color="tab:red", marker="d", markersize=3),
     "cleaned TV": dict(color="tab:purple", marker="o", markersize=3),
+    "one-shot (X -> Y)": dict(color="0.5", linestyle=":"),
+    "detector": dict(color="tab:olive", marker="o", markersize=3),
+    "cleaned detector": dict(color="tab:brown", marker="o", markersize=3),
 }
 
 
@@ -166,5 +169,26 @@ def plot_lambda_sweep(sweep: pd.DataFrame, title: str = ""):
         if title:
             ax.set_title(title)
         fig.legend(loc="upper center", ncols=2, fontsize=7)
+        fig.tight_layout()
+    return fig
+
+
+def plot_steering_matrix(grid: pd.DataFrame, clip: float = 1.0, title: str = ""):
+    """Heatmap of relative loss change (task rows x feature columns), increases clipped."""
+    tasks = list(dict.fromkeys(grid.task))
+    columns = list(dict.fromkeys(zip(grid.feature_task, grid.feature)))
+    table = grid.pivot_table(index="task", columns="feature", values="relative_change")
+    values = table.loc[tasks, [f for _, f in columns]].clip(upper=clip)
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(0.5 * len(columns) + 3.0, 0.38 * len(tasks) + 1.6))
+        image = ax.imshow(values.values, cmap="RdBu_r", vmin=-1, vmax=clip, aspect="auto")
+        ax.set_xticks(range(len(columns)), [f"{f} ({t})" for t, f in columns], rotation=60,
+                      ha="right", fontsize=7)
+        ax.set_yticks(range(len(tasks)), tasks, fontsize=7)
+        ax.set_xlabel("steering feature (task it was cleaned for)")
+        ax.grid(False)
+        fig.colorbar(image, ax=ax, label=f"relative loss change (clipped at {clip:g})")
+        if title:
+            ax.set_title(title)
         fig.tight_layout()
     return fig
