@@ -224,7 +224,9 @@ def render_card(card: dict, tasks: pd.DataFrame) -> str:
         f"- Time on 2 CPU cores: model {t['model']['seconds'] / 60:.1f} min, SAEs "
         f"{sae_time / 60:.1f} min.",
         f"- SAEs: {c['sae_architecture']}, {c['sae_expansion']}x expansion, L1 coefficient "
-        f"{c['sae_l1_coefficient']:g}, {c['sae_train_tokens']:,} tokens each.",
+        f"{c['sae_l1_coefficient']:g}, {c['sae_train_tokens']:,} tokens each; inputs scaled to "
+        f"norm sqrt(d) in training ({c['sae_normalize']}), the scale folded into the saved "
+        "weights, so they read and write raw residuals.",
         "",
         "## In-context learning and task vectors",
         "",
