@@ -122,3 +122,12 @@ def test_bad_layer_and_mode(toy_lm):
         Steering(0, torch.zeros(3), "multiply")
     with pytest.raises(ValueError, match="unknown preset"):
         load_model("gemma-7b")
+
+
+def test_logits_are_kept_only_on_request(toy_lm, zero):
+    assert score(toy_lm, zero).first_logits is None
+    kept = score(toy_lm, zero, keep_logits=True)
+    assert kept.first_logits.shape == (len(zero), len(toy_lm.tokenizer))
+    assert kept.filtered_accuracy(torch.arange(len(toy_lm.tokenizer))) == kept.accuracy()
+    with pytest.raises(ValueError, match="keep_logits=True"):
+        score(toy_lm, zero).filtered_accuracy(torch.tensor([1]))

@@ -79,7 +79,7 @@ def measure_tasks(lm, cfg: CardConfig, toy_cfg: ToyConfig) -> pd.DataFrame:
         for split, pairs in (("heldout", heldout), ("seen", seen)):
             batch = tokenize_prompts(tok, zero_shot_prompts(pairs))
             is_shared = torch.tensor([x in shared for x, _ in pairs])
-            zero = score(lm, batch)
+            zero = score(lm, batch, keep_logits=True)
             rows.append(_row(name, "zero-shot", split, None, zero, is_shared,
                              vocab_filtered_accuracy=zero.filtered_accuracy(allowed)))
             for layer, vector in zip(layers, vectors):

@@ -34,8 +34,8 @@ class Scores:
 
     nll: torch.Tensor            # (B,) summed over the first n_first answer tokens
     correct: torch.Tensor        # (B,) greedy first answer token is right
-    first_logits: torch.Tensor   # (B, V) logits predicting the first answer token
     first_targets: torch.Tensor  # (B,) the first answer token
+    first_logits: torch.Tensor | None = None   # (B, V), kept only when asked (keep_logits)
 
     def mean_nll(self) -> float:
         return self.nll.mean().item()
@@ -45,12 +45,16 @@ class Scores:
 
     def filtered_accuracy(self, allowed_tokens: torch.Tensor) -> float:
         """First-token accuracy with the argmax restricted to ``allowed_tokens`` (ids)."""
+        if self.first_logits is None:
+            raise ValueError("scores were computed without logits: call score(..., "
+                             "keep_logits=True)")
         masked = torch.full_like(self.first_logits, float("-inf"))
         masked[:, allowed_tokens] = self.first_logits[:, allowed_tokens]
         return (masked.argmax(-1) == self.first_targets).float().mean().item()
 
 
-def score_logits(logits_at_targets: torch.Tensor, targets: torch.Tensor) -> Scores:
+def score_logits(logits_at_targets: torch.Tensor, targets: torch.Tensor,
+                 keep_logits: bool = False) -> Scores:
     """Scores from logits gathered at the positions predicting each target.
 
     logits_at_targets: (B, n_first, V), the logits at target_pos - 1
@@ -62,7 +66,7 @@ def score_logits(logits_at_targets: torch.Tensor, targets: torch.Tensor) -> Scor
     nll = -(picked * present).sum(-1)
     first = logits_at_targets[:, 0].float()
     correct = first.argmax(-1) == targets[:, 0]
-    return Scores(nll, correct, first, targets[:, 0])
+    return Scores(nll, correct, targets[:, 0], first if keep_logits else None)
 
 
 def _logits_at_targets(lm, batch: PromptBatch) -> torch.Tensor:
@@ -85,8 +89,12 @@ def _apply(lm, steering: Steering | None, batch: PromptBatch) -> None:
 
 
 def score(lm, batch: PromptBatch, steering: Steering | None = None,
-          batch_size: int = 64) -> Scores:
-    """Score the query answers of ``batch``, optionally steered."""
+          batch_size: int = 64, keep_logits: bool = False) -> Scores:
+    """Score the query answers of ``batch``, optionally steered.
+
+    ``keep_logits`` keeps each prompt's first-token logits (B, V), for
+    ``Scores.filtered_accuracy``; off by default, as V can be 256k.
+    """
     parts = []
     with torch.no_grad():
         for chunk in batch.chunks(batch_size):
@@ -97,9 +105,11 @@ def score(lm, batch: PromptBatch, steering: Steering | None = None,
             with lm.trace(chunk.model_inputs()):
                 _apply(lm, chunk_steering, chunk)
                 logits = _logits_at_targets(lm, chunk).save()
-            parts.append(score_logits(logits, chunk.targets))
-    return Scores(*(torch.cat([getattr(p, f) for p in parts])
-                    for f in ("nll", "correct", "first_logits", "first_targets")))
+            parts.append(score_logits(logits, chunk.targets, keep_logits))
+    joined = {f: torch.cat([getattr(p, f) for p in parts])
+              for f in ("nll", "correct", "first_targets")}
+    logits = torch.cat([p.first_logits for p in parts]) if keep_logits else None
+    return Scores(**joined, first_logits=logits)
 
 
 def collect_residuals(lm, inputs: dict[str, torch.Tensor], layers, positions: torch.Tensor,
