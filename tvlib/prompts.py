@@ -184,10 +184,6 @@ class PromptBatch:
         for start in range(0, len(self), batch_size):
             yield self.select(slice(start, start + batch_size))
 
-    def to(self, device) -> PromptBatch:
-        tensors = {name: getattr(self, name).to(device) for name in _TENSOR_FIELDS}
-        return PromptBatch(**tensors, prompts=self.prompts)
-
 
 _TENSOR_FIELDS = ("input_ids", "attention_mask", "position_ids", "separator_pos",
                   "answer_end_pos", "steer_pos", "target_pos")

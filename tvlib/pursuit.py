@@ -38,9 +38,6 @@ class PursuitResult:
     errors: torch.Tensor         # (n_iter + 1, B) squared reconstruction error per iteration
     order: torch.Tensor          # (B, target_l0) features in the order they were picked
 
-    def reconstruction(self, dictionary: torch.Tensor) -> torch.Tensor:
-        return self.weights @ dictionary
-
 
 def gradient_pursuit(x: torch.Tensor, dictionary: torch.Tensor, target_l0: int,
                      step: str = "feasible") -> PursuitResult:
