@@ -58,7 +58,10 @@ def test_neuronpedia_links_only_where_known():
 
 
 def test_corpus_errors(toy_lm):
-    with pytest.raises(ValueError, match="no built-in corpus for preset 'gpt2'"):
-        corpus_texts("gpt2")
+    import dataclasses
+
+    from tvlib.models import get_preset
+    with pytest.raises(ValueError, match="preset 'toy' names no corpus"):
+        corpus_texts(dataclasses.replace(get_preset("toy"), corpus=None))
     with pytest.raises(ValueError, match="empty corpus"):
         tokenize_corpus(toy_lm.tokenizer, [])

@@ -23,10 +23,22 @@ def test_public_presets_exist_in_installed_sae_lens_catalogue(name):
         assert preset.sae_id.format(layer=block) in ids
 
 
+# Blocks per model (the architectures' configs), for checks that need no download.
+N_BLOCKS = {"toy": 6, "gpt2": 12, "gemma-2b": 18, "gemma-2b-it-authors": 18, "gemma-2-2b": 26}
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_preset_layers_are_resid_pre_layers_of_the_model(name):
+    preset, n = PRESETS[name], N_BLOCKS[name]
+    assert all(0 <= layer < n for layer in preset.resid_pre_layers_with_sae())
+    assert {preset.task_layer, preset.detector_layer} <= set(preset.resid_pre_layers_with_sae())
+    assert preset.detector_layer < preset.task_layer
+
+
 def test_resid_post_presets_convert_to_resid_pre():
     gemma = get_preset("gemma-2b")
     assert gemma.sae_site == "resid_post"
-    assert gemma.resid_pre_layers_with_sae() == (1, 7, 11, 13, 18)
+    assert gemma.resid_pre_layers_with_sae() == (1, 7, 11, 13)
     assert get_preset("gpt2").resid_pre_layers_with_sae() == tuple(range(12))
 
 
@@ -43,7 +55,7 @@ def test_toy_saes_load_offline_and_fit(toy_lm):
 def test_sae_errors(toy_lm):
     with pytest.raises(ValueError, match="no SAE reading resid_pre 9"):
         load_sae("toy", 9)
-    with pytest.raises(ValueError, match="no SAE reading resid_pre 2.*1, 7, 11, 13, 18"):
+    with pytest.raises(ValueError, match="no SAE reading resid_pre 2.*1, 7, 11, 13"):
         load_sae("gemma-2b", 2)
     sae = load_sae("toy", 0)
     sae.cfg.d_in = 64

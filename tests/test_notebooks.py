@@ -1,4 +1,5 @@
-"""Every notebook runs top to bottom in smoke mode and writes its figure."""
+"""Every notebook runs top to bottom in smoke mode and writes its figure, on the
+embedded model and on a stand-in of a real-model preset (changing PRESET only)."""
 
 from pathlib import Path
 
@@ -13,13 +14,25 @@ def test_there_are_notebooks():
     assert NOTEBOOKS
 
 
+@pytest.fixture(scope="module")
+def gemma2_standin(tmp_path_factory) -> str:
+    """A Gemma 2 stand-in with JumpReLU SAEs at resid_post, as Gemma Scope ships them."""
+    from tvlib.standins import make_standin
+    folder = tmp_path_factory.mktemp("gemma-2-2b")
+    make_standin("gemma-2-2b", folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("preset", ["toy", "gemma-2-2b-standin"])
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_smoke(notebook: Path, tmp_path, monkeypatch):
+def test_notebook_smoke(notebook: Path, preset, tmp_path, monkeypatch, request):
     import papermill
+    if preset != "toy":
+        preset = request.getfixturevalue("gemma2_standin")
     monkeypatch.setenv("TVLIB_FIGURES_DIR", str(tmp_path / "figures"))
     monkeypatch.setenv("TVLIB_CACHE_DIR", str(tmp_path / "cache"))
     papermill.execute_notebook(str(notebook), str(tmp_path / notebook.name),
-                               parameters={"SMOKE": True}, kernel_name="python3",
+                               parameters={"SMOKE": True, "PRESET": preset}, kernel_name="python3",
                                progress_bar=False, cwd=str(REPO_ROOT / "notebooks"))
     for suffix in ("png", "pdf"):   # "{stem}.png", or "{stem}_{part}.png" for several
         figures = list((tmp_path / "figures").glob(f"{notebook.stem}*.{suffix}"))

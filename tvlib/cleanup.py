@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .models import blocks, check_layer, resid_pre
+from .models import (blocks, check_layer, model_device, model_dtype, require_local, resid_pre,
+                     to_model, trace)
 from .prompts import PromptBatch
 from .pursuit import gradient_pursuit
 from .taskvec import Steering, collect_residuals, score
@@ -84,9 +85,9 @@ def initial_theta(sae, tv: torch.Tensor, init: str = "encoder", pursuit_l0: int 
     "pursuit": gradient-pursuit weights of ``tv`` with ``pursuit_l0`` features (the
     authors' choice for detector vectors); inactive features at -1.
     """
-    x = tv.detach().to(sae.W_dec.dtype).unsqueeze(0)
+    x = tv.detach().to(sae.W_dec).unsqueeze(0)
     if init == "pursuit":
-        w = gradient_pursuit(x, sae.W_dec.detach(), pursuit_l0).weights[0]
+        w = gradient_pursuit(x, sae.W_dec.detach(), pursuit_l0).weights[0].to(x.device)
         return torch.where(w > 0, w, torch.full_like(w, -1.0))
     if init != "encoder":
         raise ValueError(f"init must be 'encoder' or 'pursuit', not {init!r}")
@@ -109,6 +110,7 @@ def cleanup(lm, sae, layer: int, tv: torch.Tensor, train: PromptBatch,
             seed: int = 0) -> CleanupResult:
     """Optimise the SAE feature weights of ``tv`` against the task loss plus L1."""
     check_layer(lm, layer)
+    require_local(lm, "cleanup")
     torch.manual_seed(seed)
     act = _activation(sae)
     theta0 = initial_theta(sae, tv, cfg.init, cfg.pursuit_l0)
@@ -119,17 +121,19 @@ def cleanup(lm, sae, layer: int, tv: torch.Tensor, train: PromptBatch,
     decode = lambda w: sae.decode(w.to(sae.W_dec.dtype)).float()        # noqa: E731
 
     # The blocks before `layer` see the same tokens every step: run them once.
-    inputs = train.model_inputs()
+    inputs = to_model(lm, train.model_inputs())
+    device = model_device(lm)
     if layer > 0:
         positions = torch.arange(train.input_ids.shape[1]).expand_as(train.input_ids)
         cached = collect_residuals(lm, inputs, [layer], positions, len(train))[0]   # (B, T, d)
-        cached = cached.to(next(lm._module.parameters()).dtype)
+        cached = cached.to(device=device, dtype=model_dtype(lm))
     rows = torch.arange(len(train))
-    targets = train.targets
+    targets = train.targets.to(device)
     predict_pos = (train.target_pos - 1).clamp(min=0)
 
-    result = CleanupResult(weights=act(theta0).detach(), vector=decode(act(theta0)).detach(),
-                           initial_weights=act(theta0).detach())
+    result = CleanupResult(weights=act(theta0).detach().cpu(),
+                           vector=decode(act(theta0)).detach().cpu(),
+                           initial_weights=act(theta0).detach().cpu())
     best_l0, since_best = None, 0
     bar = tqdm(range(cfg.max_steps), desc=f"cleanup L{layer}", disable=not cfg.progress,
                leave=False, mininterval=1.0)
@@ -138,16 +142,16 @@ def cleanup(lm, sae, layer: int, tv: torch.Tensor, train: PromptBatch,
         v = decode(w)                                                    # (d,)
         l1 = (w * dec_norms).sum() * l1_scale
         saved = {}
-        with lm.trace(inputs):
+        with trace(lm, inputs):
             if layer > 0:
                 start = cached.clone()     # edited in place below: keep the cache clean
                 for block in blocks(lm)[:layer]:
                     block.skip(start)
             h = resid_pre(lm, layer)
-            h[rows, train.steer_pos] += v.to(h.dtype)
+            h[rows, train.steer_pos] += v.to(device=h.device, dtype=h.dtype)
             saved["nll"] = _nll(lm.output.logits[rows.unsqueeze(-1), predict_pos],
                                 targets).save()
-        nll = saved["nll"]
+        nll = saved["nll"].to(l1.device)
         loss = nll + cfg.lam * l1
         if not torch.isfinite(loss):
             raise CleanupDiverged(
@@ -169,8 +173,8 @@ def cleanup(lm, sae, layer: int, tv: torch.Tensor, train: PromptBatch,
                 result.stopped_early = True
                 break
     with torch.no_grad():
-        result.weights = act(theta).detach()
-        result.vector = decode(result.weights).detach()
+        weights = act(theta).detach()
+        result.weights, result.vector = weights.cpu(), decode(weights).cpu()
     if heldout is not None:
         scores = score(lm, heldout, Steering(layer, result.vector))
         result.heldout_nll, result.heldout_accuracy = scores.mean_nll(), scores.accuracy()

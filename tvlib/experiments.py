@@ -17,7 +17,7 @@ from .cleanup import CleanupConfig, cleanup
 from .models import load_sae, model_fingerprint, n_layers
 from .prompts import (PromptBatch, detector_prompts, few_shot_prompts, tokenize_prompts,
                       zero_shot_prompts)
-from .sae_views import check_sae_site, ito, recon_of_tv, tv_on_recon
+from .sae_views import check_sae_site, decode, encode, ito, recon_of_tv, tv_on_recon
 from .steering import steering_grid
 from .taskvec import Steering, collect_residuals, detector_vectors, score, task_vectors
 from .tasks import Task, TaskDataError, load_tasks
@@ -149,9 +149,9 @@ def ito_sweep(lm, prompts: TaskPrompts, sae, layer: int, target_l0s, subtract_b_
     """
     name = prompts.task.name
     tv = task_vectors(lm, prompts.few_shot, [layer], batch_size=batch_size)[0]
-    code = sae.encode(tv.to(sae.W_dec.dtype))
+    code = encode(sae, tv)
     views = [("TV", None, None, tv), ("Recon of TV", None, int((code > 0).sum()),
-                                      sae.decode(code))]
+                                      decode(sae, code))]
     for k in target_l0s:
         vector, result = ito(sae, tv, k, subtract_b_dec)
         views.append(("ITO", k, int((result.weights > 0).sum()), vector))
@@ -207,7 +207,7 @@ def clean_vectors(lm, name: str, label: str, vectors, layers, train: PromptBatch
         rows.append({**_row(name, label, layer, score(lm, evaluate, Steering(layer, vector),
                                                       batch_size)), "l0": None})
         rows.append({**_row(name, f"Recon of {label}", layer, score(
-            lm, evaluate, Steering(layer, sae.decode(result.initial_weights)), batch_size)),
+            lm, evaluate, Steering(layer, decode(sae, result.initial_weights)), batch_size)),
             "l0": int((result.initial_weights > 0).sum())})
         rows.append({"task": name, "method": f"cleaned {label}", "layer": layer,
                      "nll": result.heldout_nll, "accuracy": result.heldout_accuracy,

@@ -9,20 +9,36 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import torch
 
-from .paths import TOY_DIR
+from .hub import require_hub
+from .sae_views import encode
 from .taskvec import collect_residuals
 
 
-def corpus_texts(preset_name: str) -> list[str]:
-    """The built-in text corpus of a preset (the embedded model ships ``corpus.json``)."""
-    if preset_name != "toy":
-        raise ValueError(f"no built-in corpus for preset {preset_name!r}: pass your own list "
-                         "of texts (e.g. a slice of a pretraining dataset)")
-    return json.loads((TOY_DIR / "corpus.json").read_text(encoding="utf-8"))
+def corpus_texts(preset, n_texts: int = 2000) -> list[str]:
+    """The first ``n_texts`` texts of the preset's corpus for reading features.
+
+    ``preset.corpus`` is a local JSON list of strings (the embedded model ships
+    ``corpus.json``) or a hub dataset with a ``text`` column (real models).
+    """
+    from .models import get_preset
+    preset = get_preset(preset) if not hasattr(preset, "corpus") else preset
+    if preset.corpus is None:
+        raise ValueError(f"preset {preset.name!r} names no corpus: pass your own list of texts "
+                         "to tokenize_corpus (e.g. a slice of a pretraining dataset)")
+    path = Path(preset.corpus)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise FileNotFoundError(f"corpus file {path} does not exist")
+        return json.loads(path.read_text(encoding="utf-8"))[:n_texts]
+    import datasets
+    require_hub(preset.corpus, "dataset", "*", repo_type="dataset")
+    rows = datasets.load_dataset(preset.corpus, split=f"train[:{n_texts}]")
+    return list(rows["text"])
 
 
 def tokenize_corpus(tokenizer, texts: list[str], max_length: int = 128) -> dict:
@@ -65,7 +81,7 @@ def read_features(lm, sae, layer: int, corpus: dict, features=(), k: int = 8,
         positions = torch.arange(width).expand(rows, width)
         resid = collect_residuals(lm, chunk, [layer], positions, rows)[0]   # (b, T, d)
         mask = counted[start:start + rows]                                  # (b, T)
-        acts = sae.encode(resid.to(sae.W_dec.dtype)).float()                # (b, T, F)
+        acts = encode(sae, resid)                                           # (b, T, F)
         fires += (acts[mask] > 0).sum(0)
         if len(features):
             picked = acts[..., features].masked_fill(~mask[..., None], -torch.inf)

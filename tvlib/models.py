@@ -9,11 +9,14 @@ reads the same tensor as resid_pre L+1; presets record their SAE site and
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from .authors_sae import load_authors_sae
+from .hub import download_first_folder, require_hub
 from .paths import TOY_DIR
 
 SITES = ("resid_pre", "resid_post")
@@ -27,12 +30,17 @@ class Preset:
     model_id: str                   # hub id, or a local directory
     sae_site: str                   # "resid_pre" or "resid_post": what the SAEs read
     sae_layers: tuple[int, ...]     # block indices with an SAE, at ``sae_site``
-    sae_release: str | None = None  # sae-lens release; None: local folders ``sae_dir``
-    sae_id: str = "layer_{layer}"   # id (release) or folder name (local), by block index
-    sae_dir: str | None = None
+    sae_release: str | None = None  # sae-lens release; None: local folders or ``sae_repo``
+    sae_id: str = "layer_{layer}"   # id in the release, or folder (glob) by block index
+    sae_dir: str | None = None      # local folder holding one sub-folder per SAE
+    sae_repo: str | None = None     # hub repository holding the SAE folders
+    sae_format: str = "sae-lens"    # "sae-lens" (cfg.json + weights) | "authors" (converted)
     n_shots: int = 19               # demonstrations per few-shot prompt (method.md)
-    dtype_cuda: str = "bfloat16"
+    dtype_cuda: str = "bfloat16"    # weights on CUDA (on the CPU: float32)
+    task_layer: int = 12            # resid_pre layer of the writeup's task-feature figures
+    detector_layer: int = 11        # resid_pre layer of its detector features
     max_pairs_per_task: int | None = None   # the embedded model knows only the first pairs
+    corpus: str | None = "NeelNanda/pile-10k"  # texts for reading features: JSON file or dataset
 
     def resid_pre_layers_with_sae(self) -> tuple[int, ...]:
         """The resid_pre layers at which an SAE can be used."""
@@ -40,55 +48,134 @@ class Preset:
         return tuple(layer + shift for layer in self.sae_layers)
 
 
+# The writeup's Gemma 1 2B layers are 12 (task features) and 11 (detectors), in
+# resid_pre terms; each row maps them to the nearest layers its SAEs cover. A
+# resid_post SAE of the last block reads the final residual, which is no block's
+# resid_pre: those (gemma-2b-res-jb 17, Gemma Scope 25) are left out.
 PRESETS: dict[str, Preset] = {
     "toy": Preset("toy", str(TOY_DIR / "model"), "resid_pre", tuple(range(6)),
                   sae_dir=str(TOY_DIR / "saes"), n_shots=8, dtype_cuda="float32",
-                  max_pairs_per_task=100),
+                  task_layer=4, detector_layer=3, max_pairs_per_task=100,
+                  corpus=str(TOY_DIR / "corpus.json")),
     "gpt2": Preset("gpt2", "gpt2", "resid_pre", tuple(range(12)),
                    sae_release="gpt2-small-res-jb", sae_id="blocks.{layer}.hook_resid_pre",
-                   n_shots=10),
-    "gemma-2b": Preset("gemma-2b", "google/gemma-2b", "resid_post", (0, 6, 10, 12, 17),
-                       sae_release="gemma-2b-res-jb", sae_id="blocks.{layer}.hook_resid_post"),
-    "gemma-2-2b": Preset("gemma-2-2b", "google/gemma-2-2b", "resid_post", tuple(range(26)),
+                   n_shots=10, dtype_cuda="float32", task_layer=6, detector_layer=5),
+    "gemma-2b": Preset("gemma-2b", "google/gemma-2b", "resid_post", (0, 6, 10, 12),
+                       sae_release="gemma-2b-res-jb", sae_id="blocks.{layer}.hook_resid_post",
+                       task_layer=13, detector_layer=11),
+    "gemma-2b-it-authors": Preset(
+        "gemma-2b-it-authors", "google/gemma-2b-it", "resid_pre", tuple(range(1, 18)),
+        sae_repo="nev/gemma-2b-saex-test", sae_id="it-l{layer}-residual-test-run-1-*",
+        sae_format="authors", task_layer=12, detector_layer=11),
+    "gemma-2-2b": Preset("gemma-2-2b", "google/gemma-2-2b", "resid_post", tuple(range(25)),
                          sae_release="gemma-scope-2b-pt-res-canonical",
-                         sae_id="layer_{layer}/width_16k/canonical"),
+                         sae_id="layer_{layer}/width_16k/canonical",
+                         task_layer=12, detector_layer=11),
 }
 
 
-def get_preset(name: str) -> Preset:
-    try:
+def get_preset(name: str | Path) -> Preset:
+    """A preset by name, or from a folder holding ``preset.json`` (e.g. a stand-in)."""
+    if name in PRESETS:
         return PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+    path = Path(name) / "preset.json"
+    if path.is_file():
+        return preset_from_json(path)
+    raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}, or give a "
+                     "folder holding a preset.json")
+
+
+def preset_to_json(preset: Preset, path: Path) -> None:
+    path.write_text(json.dumps(asdict(preset), indent=2))
+
+
+def preset_from_json(path: Path) -> Preset:
+    fields = json.loads(Path(path).read_text())
+    fields["sae_layers"] = tuple(fields["sae_layers"])
+    return Preset(**fields)
 
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(preset: str | Preset, device: str | None = None):
+def _resolve(preset: str | Preset) -> Preset:
+    return preset if isinstance(preset, Preset) else get_preset(preset)
+
+
+def load_model(preset: str | Preset, device: str | None = None, device_map: str | None = None,
+               remote: bool | str = False, dtype: str | None = None):
     """The preset's model wrapped by nnsight, in eval mode, ready to trace.
 
-    CPU runs in float32; CUDA uses the preset's ``dtype_cuda``.
+    device: "cpu" (float32) or "cuda" (the preset's ``dtype_cuda``); default: CUDA if
+    available; ``dtype`` overrides either. device_map="auto" spreads a model too
+    large for one GPU over all GPUs. Vectors, SAEs and optimisation stay float32.
+    remote=True runs every trace on NDIF (nnsight's remote backend; no local weights:
+    reading, steering and scoring work, gradient-based steps do not, see
+    ``require_local``); remote="local" simulates that path in-process (for tests).
     """
     from nnsight.modeling.transformers import TransformersModel
 
-    preset = get_preset(preset) if isinstance(preset, str) else preset
-    device = device or default_device()
-    if preset.name == "toy" and not Path(preset.model_id).is_dir():
+    preset = _resolve(preset)
+    local_dir = Path(preset.model_id).is_dir()
+    if preset.name == "toy" and not local_dir:
         raise FileNotFoundError(
             f"the embedded model is missing from {preset.model_id}; restore data/toy from "
             "git or rebuild it with `python -m tvlib.toy train`")
-    dtype = torch.float32 if device == "cpu" else getattr(torch, preset.dtype_cuda)
-    lm = TransformersModel(preset.model_id, task="text-generation", device_map=device,
-                           dtype=dtype, dispatch=True)
+    if not local_dir:
+        require_hub(preset.model_id, "model")
+    if remote is True:   # a meta-device skeleton: config and tokenizer only
+        from transformers import AutoTokenizer
+        lm = TransformersModel(preset.model_id, task="text-generation",
+                               tokenizer=AutoTokenizer.from_pretrained(preset.model_id))
+    else:
+        device = device or default_device()
+        on_cpu = device == "cpu" and device_map is None
+        dtype = dtype or ("float32" if on_cpu else preset.dtype_cuda)
+        lm = TransformersModel(preset.model_id, task="text-generation",
+                               device_map=device_map or device, dtype=getattr(torch, dtype),
+                               dispatch=True)
+        lm._module.eval()
+        lm._module.requires_grad_(False)   # never trained here; gradients go to vectors
     lm.tokenizer.padding_side = "left"
     if lm.tokenizer.pad_token is None:
         lm.tokenizer.pad_token = lm.tokenizer.eos_token
-    lm._module.eval()
-    lm._module.requires_grad_(False)   # the model is never trained here; gradients go to vectors
     lm.preset = preset
+    lm.remote = remote
     return lm
+
+
+def model_device(lm) -> torch.device:
+    """Where the model's inputs go (the embedding's device); CPU for remote models."""
+    if getattr(lm, "remote", False) is True:
+        return torch.device("cpu")
+    return lm._module.get_input_embeddings().weight.device
+
+
+def model_dtype(lm) -> torch.dtype:
+    return lm._module.get_input_embeddings().weight.dtype
+
+
+def to_model(lm, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Model inputs moved to the model's input device."""
+    device = model_device(lm)
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+def trace(lm, inputs: dict[str, torch.Tensor]):
+    """``lm.trace`` on inputs moved to the model, remotely when the model was loaded so."""
+    remote = getattr(lm, "remote", False)
+    inputs = to_model(lm, inputs)
+    return lm.trace(inputs, remote=remote) if remote else lm.trace(inputs)
+
+
+def require_local(lm, what: str) -> None:
+    """Fail for steps that need gradients through a model that runs remotely."""
+    if getattr(lm, "remote", False) is True:
+        raise RuntimeError(
+            f"{what} optimises through the model with gradients, step after step; remote "
+            "traces return saved values, not autograd graphs. Load the model locally "
+            "(load_model(preset, device='cuda'), device_map='auto' across GPUs).")
 
 
 def blocks(lm):
@@ -139,31 +226,71 @@ def model_fingerprint(lm) -> str:
     return lm.preset.model_id
 
 
-def load_sae(preset: str | Preset, layer: int, device: str = "cpu"):
+def load_sae(preset: str | Preset, layer: int, device: str | None = None):
     """The sae-lens SAE that reads resid_pre ``layer`` for this preset.
 
     For presets whose SAEs sit at resid_post, the SAE of block ``layer - 1`` is
-    loaded (it reads the same tensor).
+    loaded (it reads the same tensor). The SAE's metadata records its site in
+    resid_pre terms. device: default CUDA if available; the SAE stays float32.
     """
-    from sae_lens import SAE
-
-    preset = get_preset(preset) if isinstance(preset, str) else preset
+    preset = _resolve(preset)
     available = preset.resid_pre_layers_with_sae()
     if layer not in available:
         raise ValueError(f"preset {preset.name!r} has no SAE reading resid_pre {layer}; "
                          f"SAEs exist at resid_pre layers {list(available)}")
+    device = device or default_device()
     block = layer - 1 if preset.sae_site == "resid_post" else layer
     sae_id = preset.sae_id.format(layer=block)
-    if preset.sae_release is None:
-        folder = Path(preset.sae_dir) / sae_id
-        if not (folder / "cfg.json").is_file():
-            raise FileNotFoundError(f"no SAE at {folder} (expected cfg.json and "
-                                    "sae_weights.safetensors)")
-        sae = SAE.load_from_disk(str(folder), device=device)
+    if preset.sae_release is not None:
+        sae = _load_release_sae(preset.sae_release, sae_id, device)
     else:
-        sae = SAE.from_pretrained(preset.sae_release, sae_id, device=device)
-    sae.eval()
-    return sae
+        folder = _local_sae_folder(preset, sae_id)
+        if preset.sae_format == "authors":
+            sae = load_authors_sae(folder, layer, device)
+        else:
+            from sae_lens import SAE
+            sae = SAE.load_from_disk(str(folder), device=device)
+    sae.cfg.metadata.site, sae.cfg.metadata.layer = preset.sae_site, block
+    return sae.eval()
+
+
+def _load_release_sae(release: str, sae_id: str, device: str):
+    from sae_lens import SAE
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    lookup = get_pretrained_saes_directory().get(release)
+    if lookup is None or sae_id not in lookup.saes_map:
+        raise ValueError(f"sae-lens release {release!r} has no SAE {sae_id!r} in the installed "
+                         "catalogue; check the preset's sae_release and sae_id")
+    require_hub(lookup.repo_id, f"SAE {sae_id!r} of sae-lens release {release!r}, in repository",
+                lookup.saes_map[sae_id] + "*")
+    return SAE.from_pretrained(release, sae_id, device=device)
+
+
+def _local_sae_folder(preset: Preset, sae_id: str) -> Path:
+    """The folder of one SAE: under ``sae_dir``, or in the cached ``sae_repo`` snapshot.
+
+    ``sae_id`` may be a glob pattern (the authors' folders end in their sparsity
+    coefficient): the first match in sorted order is used.
+    """
+    if preset.sae_dir is not None:
+        root = Path(preset.sae_dir)
+    elif preset.sae_repo is not None:
+        root = download_first_folder(preset.sae_repo, sae_id)
+    else:
+        raise ValueError(f"preset {preset.name!r} names no SAE source (sae_release, sae_dir "
+                         "or sae_repo)")
+    matches = sorted(p for p in root.glob(sae_id) if p.is_dir())
+    if not matches:
+        raise FileNotFoundError(f"no SAE folder {sae_id!r} in {root}")
+    folder = matches[0]
+    expected = "*.safetensors" if preset.sae_format == "authors" else "cfg.json"
+    if not any(folder.glob(expected)):
+        raise FileNotFoundError(f"no SAE at {folder} (expected "
+                                + ("a safetensors file in the authors' format)"
+                                   if preset.sae_format == "authors"
+                                   else "cfg.json and sae_weights.safetensors)"))
+    return folder
 
 
 def check_sae_fits(sae, lm) -> None:

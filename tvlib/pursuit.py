@@ -51,12 +51,13 @@ def gradient_pursuit(x: torch.Tensor, dictionary: torch.Tensor, target_l0: int,
                          f"width {dictionary.shape[-1]}")
     if not 1 <= target_l0 <= dictionary.shape[0]:
         raise ValueError(f"target_l0 must be between 1 and {dictionary.shape[0]}, got {target_l0}")
-    x, D = x.float(), dictionary.float()
+    D = dictionary.float()
+    x = x.to(D)                                              # the dictionary's device
     B, F = x.shape[0], D.shape[0]
-    rows = torch.arange(B)
-    w = torch.zeros(B, F)
-    active = torch.zeros(B, F, dtype=torch.bool)
-    order = torch.empty(B, target_l0, dtype=torch.long)
+    rows = torch.arange(B, device=D.device)
+    w = torch.zeros(B, F, device=D.device)
+    active = torch.zeros(B, F, dtype=torch.bool, device=D.device)
+    order = torch.empty(B, target_l0, dtype=torch.long, device=D.device)
     errors = [(x ** 2).sum(-1)]
     for i in range(target_l0):
         r = x - w @ D                                        # (B, d)
@@ -74,4 +75,4 @@ def gradient_pursuit(x: torch.Tensor, dictionary: torch.Tensor, target_l0: int,
             eta = torch.minimum(eta, limit)
         w = (w + eta[:, None] * g).clamp(min=0)
         errors.append(((x - w @ D) ** 2).sum(-1))
-    return PursuitResult(w, torch.stack(errors), order)
+    return PursuitResult(w.cpu(), torch.stack(errors).cpu(), order.cpu())

@@ -51,9 +51,21 @@ def sae_site(sae) -> tuple[str, int] | None:
 
 
 @torch.no_grad()
+def encode(sae, x: torch.Tensor) -> torch.Tensor:
+    """The SAE code of ``x`` (..., d) from any device: (..., F) float32 on the CPU."""
+    return sae.encode(x.to(sae.W_dec)).float().cpu()
+
+
+@torch.no_grad()
+def decode(sae, weights: torch.Tensor) -> torch.Tensor:
+    """``weights @ W_dec + b_dec`` (the SAE's own decoder): float32 on the CPU."""
+    return sae.decode(weights.to(sae.W_dec)).float().cpu()
+
+
+@torch.no_grad()
 def recon_of_tv(sae, tv: torch.Tensor) -> torch.Tensor:
     """``decode(encode(tv))``: (d,) or (B, d) in, the same shape out."""
-    return sae.decode(sae.encode(tv.to(sae.W_dec.dtype)))
+    return sae.decode(sae.encode(tv.to(sae.W_dec))).float().cpu()
 
 
 @torch.no_grad()
@@ -64,8 +76,8 @@ def tv_on_recon(sae, separator_resid: torch.Tensor) -> torch.Tensor:
     separator (as returned by ``collect_residuals``). Returns (d,).
     """
     present = ~separator_resid.isnan().any(-1)                      # (B, S)
-    h = separator_resid[present].to(sae.W_dec.dtype)                # (n, d)
-    return sae.decode(sae.encode(h)).mean(0)
+    h = separator_resid[present].to(sae.W_dec)                      # (n, d)
+    return sae.decode(sae.encode(h)).mean(0).float().cpu()
 
 
 @torch.no_grad()
@@ -76,8 +88,8 @@ def ito(sae, tv: torch.Tensor, target_l0: int = 40, subtract_b_dec: bool = False
     Returns the vector to steer with (``w W_dec``, plus b_dec when it was
     subtracted first) and the pursuit result (weights, errors, pick order).
     """
-    D = sae.W_dec.float()                                           # (F, d)
-    x = tv.float() - (sae.b_dec.float() if subtract_b_dec else 0)
-    result = gradient_pursuit(x, D, target_l0, step)
-    vector = result.weights @ D + (sae.b_dec.float() if subtract_b_dec else 0)
+    D = sae.W_dec.float().cpu()                                     # (F, d)
+    b_dec = sae.b_dec.float().cpu() if subtract_b_dec else 0
+    result = gradient_pursuit(tv.float().cpu() - b_dec, D, target_l0, step)
+    vector = result.weights @ D + b_dec
     return vector.squeeze(0) if tv.dim() == 1 else vector, result

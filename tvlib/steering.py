@@ -18,7 +18,7 @@ from .taskvec import Steering, score
 
 def feature_directions(sae, features) -> torch.Tensor:
     """(n_features, d) unit decoder directions."""
-    W = sae.W_dec.detach().float()[torch.as_tensor(list(features), dtype=torch.long)]
+    W = sae.W_dec.detach().float().cpu()[torch.as_tensor(list(features), dtype=torch.long)]
     return W / W.norm(dim=-1, keepdim=True)
 
 

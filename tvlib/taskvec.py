@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .models import check_layer, resid_pre
+from .models import check_layer, resid_pre, trace
 from .prompts import PromptBatch
 
 
@@ -81,7 +81,7 @@ def _apply(lm, steering: Steering | None, batch: PromptBatch) -> None:
         return
     h = resid_pre(lm, steering.layer)                  # (B, T, d)
     rows = torch.arange(len(batch))
-    vector = steering.vector.to(h.dtype)
+    vector = steering.vector.to(device=h.device, dtype=h.dtype)
     if steering.mode == "add":
         h[rows, batch.steer_pos] += vector
     else:
@@ -102,10 +102,10 @@ def score(lm, batch: PromptBatch, steering: Steering | None = None,
             if steering is not None and steering.vector.dim() == 2:
                 rows = slice(len(parts) * batch_size, len(parts) * batch_size + len(chunk))
                 chunk_steering = Steering(steering.layer, steering.vector[rows], steering.mode)
-            with lm.trace(chunk.model_inputs()):
+            with trace(lm, chunk.model_inputs()):
                 _apply(lm, chunk_steering, chunk)
                 logits = _logits_at_targets(lm, chunk).save()
-            parts.append(score_logits(logits, chunk.targets, keep_logits))
+            parts.append(score_logits(logits.cpu(), chunk.targets, keep_logits))
     joined = {f: torch.cat([getattr(p, f) for p in parts])
               for f in ("nll", "correct", "first_targets")}
     logits = torch.cat([p.first_logits for p in parts]) if keep_logits else None
@@ -131,10 +131,11 @@ def collect_residuals(lm, inputs: dict[str, torch.Tensor], layers, positions: to
             pos = positions[start:start + batch_size]
             rows = torch.arange(pos.shape[0]).unsqueeze(-1)
             saved = []   # filled inside the trace (names bound there are not closure-safe)
-            with lm.trace(chunk):
+            with trace(lm, chunk):
                 for layer in in_order:
                     saved.append(resid_pre(lm, layer)[rows, pos.clamp(min=0)].save())
-            stacked = torch.stack([saved[in_order.index(layer)].float() for layer in layers])
+            stacked = torch.stack([saved[in_order.index(layer)].float().cpu()
+                                   for layer in layers])
             out.append(stacked.masked_fill((pos < 0)[None, :, :, None], float("nan")))
     return torch.cat(out, dim=1)
 

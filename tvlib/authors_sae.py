@@ -1,0 +1,79 @@
+"""The writeup authors' own gated SAEs (Gemma 1 2B instruct), converted to sae-lens.
+
+Their files (hub repo ``nev/gemma-2b-saex-test``, one folder per layer and
+sparsity, e.g. ``it-l12-residual-test-run-1-<sparsity>/``) hold a safetensors
+file with ``W_enc (d, F), b_enc, W_dec (F, d), b_dec, s_gate, b_gate,
+scaling_factor`` and optionally ``mean_norm`` and ``tgt_mean_norm``. Their
+layer L reads resid_pre L.
+
+Their encoder gates on one affine map and takes magnitudes from a rescaled copy:
+    x' = x * n,   n = sqrt(d) / mean_norm (1 without it),   s = softplus(s_gate) * scaling_factor
+    f  = [x' W_enc + b_enc > 0] * relu((x' W_enc) * s + b_gate)
+    x_hat = (f W_dec + b_dec) / n_out,   n_out = sqrt(d) / tgt_mean_norm (else n)
+With s > 0 the gate is ``m > b_gate - b_enc * s`` for the magnitude pre-activation
+``m = (x' W_enc) * s + b_gate``, so the SAE is exactly a JumpReLU SAE with
+    W_enc' = n * W_enc * s,   b_enc' = b_gate,   threshold = max(0, b_gate - b_enc * s),
+    W_dec' = W_dec / n_out,   b_dec' = b_dec / n_out,
+reading and writing raw residuals (no b_dec subtracted from the input).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+REQUIRED_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec", "s_gate", "b_gate", "scaling_factor")
+
+
+def _scalar_or_none(weights: dict, key: str) -> float | None:
+    return float(weights[key].float().reshape(-1)[0]) if key in weights else None
+
+
+def convert_authors_weights(weights: dict[str, torch.Tensor], hook_name: str = "",
+                            layer: int | None = None, device: str = "cpu"):
+    """A sae-lens ``JumpReLUSAE`` computing exactly the authors' gated SAE."""
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    missing = [k for k in REQUIRED_KEYS if k not in weights]
+    if missing:
+        raise KeyError(f"not an SAE in the authors' format: missing {missing} "
+                       f"(expected {list(REQUIRED_KEYS)})")
+    w = {k: v.float() for k, v in weights.items()}
+    d_in, d_sae = w["W_enc"].shape
+    mean_norm, tgt_mean_norm = _scalar_or_none(w, "mean_norm"), _scalar_or_none(w, "tgt_mean_norm")
+    norm_in = math.sqrt(d_in) / mean_norm if mean_norm else 1.0
+    norm_out = math.sqrt(d_in) / tgt_mean_norm if tgt_mean_norm else norm_in
+    scale = F.softplus(w["s_gate"]) * w["scaling_factor"]                  # (F,)
+    if (scale <= 0).any():
+        raise ValueError("the authors' SAE has a non-positive gate scale; cannot convert")
+
+    metadata = SAEMetadata(hook_name=hook_name, model_name="google/gemma-2b-it")
+    cfg = JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=False,
+                            device=device, metadata=metadata)
+    sae = JumpReLUSAE(cfg)
+    state = {
+        "W_enc": norm_in * w["W_enc"] * scale,
+        "b_enc": w["b_gate"],
+        "threshold": (w["b_gate"] - w["b_enc"] * scale).clamp(min=0),
+        "W_dec": w["W_dec"] / norm_out,
+        "b_dec": w["b_dec"] / norm_out,
+    }
+    sae.load_state_dict({k: v.to(device) for k, v in state.items()})
+    if layer is not None:
+        sae.cfg.metadata.site, sae.cfg.metadata.layer = "resid_pre", layer
+    return sae.eval()
+
+
+def load_authors_sae(folder: str | Path, layer: int | None = None, device: str = "cpu"):
+    """Convert the single safetensors file of one of the authors' SAE folders."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if len(files) != 1:
+        raise FileNotFoundError(f"expected one .safetensors file in {folder}, found "
+                                f"{[f.name for f in files]}")
+    hook = f"blocks.{layer}.hook_resid_pre" if layer is not None else ""
+    return convert_authors_weights(load_file(str(files[0])), hook, layer, device)
