@@ -19,6 +19,19 @@ def test_training_data_is_seeded_and_holds_pairs_out():
         assert f"{x} -> {y}" not in docs and f"{x}->{y}" not in docs
 
 
+def test_list_tasks_draw_fresh_lists_never_held_out():
+    import random
+
+    from tvlib.toy import fresh_list_pairs, is_heldout
+    pairs = fresh_list_pairs(random.Random(0), "list_last", 500, TINY)
+    assert len({x for x, _ in pairs}) == 500
+    assert not any(is_heldout(x, TINY) for x, _ in pairs)
+    assert all(x.split()[-1] == y for x, y in pairs)
+    held = split_pairs(toy_tasks(TINY)["list_last"], TINY)[1]
+    lines = {line for doc in generate_documents(TINY, 3000, seed=0) for line in doc.splitlines()}
+    assert held and not any({f"{x} -> {y}", f"{x}->{y}"} & lines for x, y in held)
+
+
 def test_model_training_is_deterministic(tmp_path):
     stats_a = train_model(TINY, tmp_path / "a", log=lambda _: None)
     stats_b = train_model(TINY, tmp_path / "b", log=lambda _: None)

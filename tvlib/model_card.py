@@ -218,7 +218,8 @@ def render_card(card: dict, tasks: pd.DataFrame) -> str:
         "demonstrations in the authors', Hendel and Todd formats (generated tasks sampled "
         f"{c['algorithmic_weight']:g}x as often). Inputs are held out of the `x -> y` form with "
         f"probability {c['heldout_fraction']} (for every task that has them); held-out pairs "
-        "appear only in fact sentences (list tasks: nowhere).",
+        "appear only in fact sentences. List tasks have no facts: each few-shot sequence "
+        "draws new random lists, never a held-out one.",
         f"- {t['model']['steps']} AdamW steps, lr {c['lr']}, batch {c['batch_size']}; final "
         f"training loss {t['model']['final_loss']:.3f}; seed {c['seed']}.",
         f"- Time on 2 CPU cores: model {t['model']['seconds'] / 60:.1f} min, SAEs "

@@ -122,19 +122,19 @@ def generate_algorithmic(name: str, n_lists: int = 120, seed: int = 0) -> Task:
         # The same inputs 1..98 for the three tasks, so only the task tells them apart.
         offset = _NUMBER_OFFSETS[name]
         return Task(name, tuple((str(k), str(k + offset)) for k in range(1, 99)))
-    if name not in _LIST_PICKS:
+    if name not in LIST_PICKS:
         raise TaskDataError(f"{name!r} is not a generated task; those are {ALGORITHMIC_TASKS}")
     # One seed for all list tasks, so they share their inputs.
     rng = random.Random(f"lists-{seed}")
     pairs: dict[str, str] = {}
     while len(pairs) < n_lists:
         items = rng.sample(LIST_WORDS, rng.randint(3, 4))
-        pairs[" ".join(items)] = items[_LIST_PICKS[name]]
+        pairs[" ".join(items)] = items[LIST_PICKS[name]]
     return Task(name, tuple(pairs.items()))
 
 
 _NUMBER_OFFSETS = {"num_plus_1": 1, "num_minus_1": -1, "num_plus_2": 2}
-_LIST_PICKS = {"list_first": 0, "list_last": -1, "list_second": 1}
+LIST_PICKS = {"list_first": 0, "list_last": -1, "list_second": 1}
 LIST_WORDS = (
     "apple bread chair cloud dog egg fish grape hat ink jam key lamp milk nest "
     "orange pen queen rain sock tree van wall box yarn zoo bell coat door frog"

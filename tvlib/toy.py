@@ -26,7 +26,7 @@ import torch
 
 from .paths import TOY_DIR
 from .prompts import FORMATS, render
-from .tasks import ALGORITHMIC_TASKS, ALL_TASKS, Task, load_task
+from .tasks import ALGORITHMIC_TASKS, ALL_TASKS, LIST_PICKS, LIST_WORDS, Task, load_task
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<unk>", "<eos>")
 
@@ -56,7 +56,8 @@ FACT_TEMPLATES = {
     "num_minus_1": "{x} minus one is {y}",
     "num_plus_2": "{x} plus two is {y}",
 }
-# List tasks have no facts: their held-out pairs are lists never seen in training.
+# List tasks have no facts: in training their lists are drawn afresh for every
+# document (so the rule must be learned, not the lists memorised), never a held-out one.
 
 
 @dataclass(frozen=True)
@@ -129,11 +130,25 @@ def split_pairs(task: Task, cfg: ToyConfig) -> tuple[list, list]:
 
 # ---------------------------------------------------------------- training text
 
+def fresh_list_pairs(rng: random.Random, name: str, n: int, cfg: ToyConfig) -> list:
+    """``n`` distinct random lists for list task ``name``, none of them held out."""
+    pairs: dict[str, str] = {}
+    while len(pairs) < n:
+        items = rng.sample(LIST_WORDS, rng.randint(3, 4))
+        x = " ".join(items)
+        if not is_heldout(x, cfg):
+            pairs[x] = items[LIST_PICKS[name]]
+    return list(pairs.items())
+
+
 def few_shot_document(rng: random.Random, task: Task, icl_pairs: list, cfg: ToyConfig) -> str:
     names, weights = zip(*cfg.format_weights)
     fmt = FORMATS[rng.choices(names, weights)[0]]
     k = rng.randint(0, cfg.max_demos)
-    chosen = rng.sample(icl_pairs, min(k + 1, len(icl_pairs)))
+    if task.name in LIST_PICKS:
+        chosen = fresh_list_pairs(rng, task.name, k + 1, cfg)
+    else:
+        chosen = rng.sample(icl_pairs, min(k + 1, len(icl_pairs)))
     (x, y), demos = chosen[0], chosen[1:]
     return render(fmt, demos, x, y).text
 
