@@ -230,8 +230,9 @@ def load_sae(preset: str | Preset, layer: int, device: str | None = None):
     """The sae-lens SAE that reads resid_pre ``layer`` for this preset.
 
     For presets whose SAEs sit at resid_post, the SAE of block ``layer - 1`` is
-    loaded (it reads the same tensor). The SAE's metadata records its site in
-    resid_pre terms. device: default CUDA if available; the SAE stays float32.
+    loaded (it reads the same tensor). The SAE's metadata records its own site and
+    block (``sae_views.sae_site`` reads them as resid_pre). device: default CUDA if
+    available; the SAE stays float32.
     """
     preset = _resolve(preset)
     available = preset.resid_pre_layers_with_sae()
