@@ -164,6 +164,26 @@ def test_missing_hub_files_give_one_clear_error(tmp_path, monkeypatch):
         corpus_texts("gpt2")
 
 
+def test_cached_files_without_a_hub_switch_to_offline_mode(tmp_path, monkeypatch):
+    import datasets.config
+    from huggingface_hub import constants
+    snapshot = tmp_path / "models--org--model" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "models--org--model" / "refs").mkdir()
+    (tmp_path / "models--org--model" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)     # restored after the test
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)
+    hub.require_hub("org/model", "model")                      # cached: no error
+    assert constants.HF_HUB_OFFLINE and datasets.config.HF_HUB_OFFLINE
+    with pytest.raises(hub.HubUnavailableError, match="'org/other'"):
+        hub.require_hub("org/other", "model")
+
+
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown preset 'gemma-7b'.*folder holding a preset.json"):
         get_preset("gemma-7b")

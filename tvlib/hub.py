@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
@@ -54,10 +55,13 @@ def is_cached(repo_id: str, path_in_repo: str, repo_type: str = "model") -> bool
 
 
 def go_offline() -> None:
-    """Make huggingface_hub and transformers read the cache without network calls."""
+    """Make huggingface_hub, transformers and datasets read the cache without network calls."""
     from huggingface_hub import constants
     os.environ["HF_HUB_OFFLINE"] = "1"
     constants.HF_HUB_OFFLINE = True
+    datasets_config = sys.modules.get("datasets.config")   # read its flag at import
+    if datasets_config is not None:
+        datasets_config.HF_HUB_OFFLINE = datasets_config.HF_DATASETS_OFFLINE = True
 
 
 def require_hub(repo_id: str, what: str, path_in_repo: str = "config.json",
