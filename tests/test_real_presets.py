@@ -1,7 +1,10 @@
 """The real-model path, offline: stand-ins in the real formats, the authors' SAE
 conversion, site conventions, dtypes, remote traces and hub errors."""
 
+import dataclasses
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,7 +34,8 @@ def standins(tmp_path_factory):
 
 
 def folder(preset):
-    return preset.model_id.rsplit("/model", 1)[0]
+    """The stand-in's folder (the one holding preset.json)."""
+    return str(Path(preset.model_id).parent)
 
 
 def test_every_real_preset_has_a_standin():
@@ -64,9 +68,23 @@ def test_standin_saes_load_at_their_site(name, standins):
         sae = load_sae(folder(preset), layer, device="cpu")
         check_sae_site(sae, lm, layer)
         assert sae_site(sae) == ("resid_pre", layer)
-    if preset.sae_site == "resid_post":   # a resid_post SAE of block L reads resid_pre L+1
-        sae = load_sae(preset, 1, device="cpu")
-        assert sae.cfg.metadata.hook_name == "blocks.0.hook_resid_post"
+        if preset.sae_format == "sae-lens":  # resid_post of block L is resid_pre L+1
+            block = layer - (preset.sae_site == "resid_post")
+            assert sae.cfg.metadata.hook_name == f"blocks.{block}.hook_{preset.sae_site}"
+
+
+def test_an_sae_whose_hook_contradicts_the_preset_is_refused(standins):
+    wrong = dataclasses.replace(standins["gpt2"], sae_id="blocks.1.hook_resid_pre")
+    with pytest.raises(ValueError, match="reads blocks.1.hook_resid_pre, not blocks.2"):
+        load_sae(wrong, 2, device="cpu")
+
+
+def test_a_standin_folder_can_be_moved(standins, tmp_path):
+    moved = tmp_path / "moved"
+    shutil.copytree(folder(standins["gemma-2b"]), moved)
+    preset = get_preset(moved)
+    assert preset.model_id == str(moved / "model") and preset.sae_dir == str(moved / "saes")
+    assert n_layers(load_model(moved, device="cpu")) == 4
 
 
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
@@ -81,7 +99,7 @@ def test_standin_runs_every_experiment(name, standins, tmp_path, monkeypatch):
     assert views.nll.notna().all()
     cleaned = run_cleanup_sweep(lm, tasks, [layer], TINY, QUICK)
     features = top_cleaned_features(cleaned["features"], layer, 1)
-    features = {t: f or [0] for t, f in features.items()}
+    assert all(features.values())
     grid = run_steering_matrix(lm, tasks, layer, features, TINY, scale=5.0)
     assert grid.relative_change.notna().all()
     corpus = tokenize_corpus(lm.tokenizer, corpus_texts(folder(preset))[:8])
@@ -140,6 +158,11 @@ def test_authors_sae_conversion_is_exact(norms):
 def test_authors_format_errors(tmp_path):
     with pytest.raises(KeyError, match="missing.*s_gate"):
         convert_authors_weights({"W_enc": torch.zeros(2, 3)})
+    weights = {k: torch.ones(3) for k in ("b_enc", "s_gate", "b_gate", "scaling_factor")}
+    weights.update(W_enc=torch.ones(2, 3), W_dec=torch.ones(3, 2), b_dec=torch.ones(2),
+                   mean_norm=torch.ones(2))
+    with pytest.raises(ValueError, match="mean_norm should be one number"):
+        convert_authors_weights(weights)
     with pytest.raises(FileNotFoundError, match="expected one .safetensors"):
         load_authors_sae(tmp_path)
 
@@ -153,12 +176,13 @@ def test_missing_hub_files_give_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(hub.HubUnavailableError) as err:
         load_model("gemma-2b", device="cpu")
     message = str(err.value)
-    for part in ("'google/gemma-2b'", "licence", "huggingface-cli login", "HF_HOME",
-                 "HF_HUB_OFFLINE"):
+    for part in ("'google/gemma-2b'", "licence", "hf auth login", "hf download google/gemma-2b",
+                 "HF_HOME", "HF_HUB_OFFLINE"):
         assert part in message
     with pytest.raises(hub.HubUnavailableError, match="jbloom/GPT2-Small-SAEs-Reformatted"):
         load_sae("gpt2", 3, device="cpu")
-    with pytest.raises(hub.HubUnavailableError, match="nev/gemma-2b-saex-test"):
+    with pytest.raises(hub.HubUnavailableError,
+                       match='nev/gemma-2b-saex-test --include "it-l12-residual-test-run-1-\\*/\\*"'):
         load_sae("gemma-2b-it-authors", 12, device="cpu")
     with pytest.raises(hub.HubUnavailableError, match="NeelNanda/pile-10k.*--repo-type dataset"):
         corpus_texts("gpt2")
@@ -200,9 +224,27 @@ def test_remote_traces_match_local_ones(toy_lm):
     torch.testing.assert_close(score(lm, prompts.zero_shot, Steering(4, tv_local[1])).nll, local)
 
 
-def test_cleanup_refuses_a_remote_model():
-    lm = load_model("toy", remote=True)      # no local weights, as with NDIF
+@pytest.mark.parametrize("remote", [True, "local"])
+def test_cleanup_refuses_a_remote_model(remote):
+    lm = load_model("toy", device="cpu", remote=remote)   # True: no local weights, as with NDIF
     prompts = build_task_prompts(lm.tokenizer, load_task("antonyms").head(100), TINY)
     with pytest.raises(RuntimeError, match="remote traces return saved values"):
         cleanup(lm, load_sae("toy", 4, device="cpu"), 4, torch.zeros(128), prompts.train,
                 cfg=QUICK)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("sae_device", ["cpu", "cuda"])
+def test_cuda_model_in_bfloat16_with_the_sae_on(sae_device, standins):
+    preset = standins["gemma-2-2b"]
+    lm = load_model(folder(preset), device="cuda", dtype="bfloat16")
+    prompts = build_task_prompts(lm.tokenizer, load_task("antonyms").head(100), TINY)
+    layer = preset.task_layer
+    tv = task_vectors(lm, prompts.few_shot, [layer])[0]
+    assert tv.device.type == "cpu" and tv.dtype == torch.float32
+    sae = load_sae(preset, layer, device=sae_device)
+    result = cleanup(lm, sae, layer, tv, prompts.train, prompts.zero_shot, QUICK)
+    assert math.isfinite(result.heldout_nll) and result.vector.device.type == "cpu"
+    reading = read_features(lm, sae, layer, tokenize_corpus(lm.tokenizer, corpus_texts(
+        folder(preset))[:8]), [0, 1])
+    assert reading.density.device.type == "cpu"

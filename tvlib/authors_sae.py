@@ -30,7 +30,12 @@ REQUIRED_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec", "s_gate", "b_gate", "scalin
 
 
 def _scalar_or_none(weights: dict, key: str) -> float | None:
-    return float(weights[key].float().reshape(-1)[0]) if key in weights else None
+    if key not in weights:
+        return None
+    if weights[key].numel() != 1:
+        raise ValueError(f"{key} should be one number, not a tensor of shape "
+                         f"{tuple(weights[key].shape)}")
+    return float(weights[key])
 
 
 def convert_authors_weights(weights: dict[str, torch.Tensor], hook_name: str = "",

@@ -101,6 +101,7 @@ def initial_theta(sae, tv: torch.Tensor, init: str = "encoder", pursuit_l0: int 
 def _nll(logits_at_targets: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean over prompts of the answer NLL summed over scored tokens (differentiable)."""
     logprobs = logits_at_targets.float().log_softmax(-1)
+    targets = targets.to(logprobs.device)      # the last GPU's, under device_map="auto"
     picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return -(picked * (targets >= 0)).sum(-1).mean()
 

@@ -15,7 +15,6 @@ import pandas as pd
 import torch
 
 from .hub import require_hub
-from .sae_views import encode
 from .taskvec import collect_residuals
 
 
@@ -81,10 +80,12 @@ def read_features(lm, sae, layer: int, corpus: dict, features=(), k: int = 8,
         positions = torch.arange(width).expand(rows, width)
         resid = collect_residuals(lm, chunk, [layer], positions, rows)[0]   # (b, T, d)
         mask = counted[start:start + rows]                                  # (b, T)
-        acts = encode(sae, resid)                                           # (b, T, F)
-        fires += (acts[mask] > 0).sum(0)
+        acts = sae.encode(resid.to(sae.W_dec)).float()      # (b, T, F), on the SAE's device
+        on_device = mask.to(acts.device)
+        fires += (acts[on_device] > 0).sum(0).cpu()
         if len(features):
-            picked = acts[..., features].masked_fill(~mask[..., None], -torch.inf)
+            picked = acts[..., features.to(acts.device)].masked_fill(
+                ~on_device[..., None], -torch.inf).cpu()                    # (b, T, f)
             flat = picked.reshape(-1, len(features)).T                      # (f, b*T)
             where = torch.arange(flat.shape[1]) + start * width
             merged_vals = torch.cat([best_vals, flat], dim=1)

@@ -10,11 +10,9 @@ without retrying the network.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from functools import lru_cache
 from pathlib import Path
-from urllib.parse import urlparse
 
 
 class HubUnavailableError(OSError):
@@ -28,15 +26,19 @@ def hub_cache_dir() -> str:
 
 @lru_cache(maxsize=1)
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the hub's endpoint opens (checked once per process)."""
+    """Whether the hub's endpoint answers one request (checked once per process).
+
+    One HEAD request through huggingface_hub's own HTTP session, so proxies set
+    in the environment apply, and no retries.
+    """
     from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
     if constants.HF_HUB_OFFLINE:
         return False
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        get_session().head(constants.ENDPOINT, timeout=timeout)
         return True
-    except OSError:
+    except Exception:   # any failure to connect means "not reachable"
         return False
 
 
@@ -65,12 +67,12 @@ def go_offline() -> None:
 
 
 def require_hub(repo_id: str, what: str, path_in_repo: str = "config.json",
-                repo_type: str = "model") -> None:
+                repo_type: str = "model", include: str | None = None) -> None:
     """Fail with one clear error unless ``repo_id`` is cached or the hub answers.
 
     what: a short description for the message ("model", "SAE repository").
-    path_in_repo: a file, folder or glob pattern whose presence in the cached
-    snapshot means what is needed is there.
+    path_in_repo: a glob pattern whose presence in the cached snapshot means what
+    is needed is there. include: the pattern to download, if not the whole repository.
     """
     if hub_reachable():
         return
@@ -81,9 +83,10 @@ def require_hub(repo_id: str, what: str, path_in_repo: str = "config.json",
     raise HubUnavailableError(
         f"the {what} {repo_id!r} is not in the local hub cache ({hub_cache_dir()}) and the "
         "Hugging Face hub cannot be reached from this machine. To get it: on a machine with "
-        f"internet access run `huggingface-cli login`"
+        "internet access run `hf auth login`"
         + (f", accept the Gemma licence on https://huggingface.co/{repo_id}," if gated else ",")
-        + f" then `huggingface-cli download {repo_id}"
+        + f" then `hf download {repo_id}"
+        + (f' --include "{include}"' if include else "")
         + (" --repo-type dataset" if repo_type == "dataset" else "")
         + "`; point HF_HOME at that cache (or copy it to this machine's HF_HOME). Runs with "
         "no network need HF_HUB_OFFLINE=1.")
@@ -95,7 +98,7 @@ def download_first_folder(repo_id: str, pattern: str) -> Path:
     Only that folder is downloaded (repositories of SAE sweeps hold many); with
     no network, the cached snapshot is used as it is.
     """
-    require_hub(repo_id, "SAE repository", pattern)
+    require_hub(repo_id, "SAE repository", f"{pattern}/*.safetensors", include=f"{pattern}/*")
     from huggingface_hub import constants
     if constants.HF_HUB_OFFLINE:
         return cached_snapshot(repo_id)

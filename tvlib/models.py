@@ -90,8 +90,14 @@ def preset_to_json(preset: Preset, path: Path) -> None:
 
 
 def preset_from_json(path: Path) -> Preset:
-    fields = json.loads(Path(path).read_text())
+    """A preset from JSON; relative paths are taken from the JSON file's folder."""
+    path = Path(path)
+    fields = json.loads(path.read_text())
     fields["sae_layers"] = tuple(fields["sae_layers"])
+    for key in ("model_id", "sae_dir", "corpus"):
+        value = fields.get(key)
+        if value and not Path(value).is_absolute() and (path.parent / value).exists():
+            fields[key] = str(path.parent / value)
     return Preset(**fields)
 
 
@@ -170,8 +176,12 @@ def trace(lm, inputs: dict[str, torch.Tensor]):
 
 
 def require_local(lm, what: str) -> None:
-    """Fail for steps that need gradients through a model that runs remotely."""
-    if getattr(lm, "remote", False) is True:
+    """Fail for steps that need gradients through a model that runs remotely.
+
+    The in-process simulation (remote="local") is refused too, so that it shows
+    what NDIF would refuse.
+    """
+    if getattr(lm, "remote", False):
         raise RuntimeError(
             f"{what} optimises through the model with gradients, step after step; remote "
             "traces return saved values, not autograd graphs. Load the model locally "
@@ -251,8 +261,19 @@ def load_sae(preset: str | Preset, layer: int, device: str | None = None):
         else:
             from sae_lens import SAE
             sae = SAE.load_from_disk(str(folder), device=device)
+    _check_hook(sae, preset, block)
     sae.cfg.metadata.site, sae.cfg.metadata.layer = preset.sae_site, block
     return sae.eval()
+
+
+def _check_hook(sae, preset: Preset, block: int) -> None:
+    """Fail when the SAE's own TransformerLens hook name contradicts the preset."""
+    parts = (sae.cfg.metadata.hook_name or "").split(".")
+    if len(parts) == 3 and parts[0] == "blocks" and parts[2].startswith("hook_resid_"):
+        expected = f"blocks.{block}.hook_{preset.sae_site}"
+        if ".".join(parts) != expected:
+            raise ValueError(f"the SAE loaded for {preset.name!r} reads {'.'.join(parts)}, not "
+                             f"{expected}: check the preset's sae_site, sae_layers and sae_id")
 
 
 def _load_release_sae(release: str, sae_id: str, device: str):
@@ -263,8 +284,9 @@ def _load_release_sae(release: str, sae_id: str, device: str):
     if lookup is None or sae_id not in lookup.saes_map:
         raise ValueError(f"sae-lens release {release!r} has no SAE {sae_id!r} in the installed "
                          "catalogue; check the preset's sae_release and sae_id")
+    folder = lookup.saes_map[sae_id]
     require_hub(lookup.repo_id, f"SAE {sae_id!r} of sae-lens release {release!r}, in repository",
-                lookup.saes_map[sae_id] + "*")
+                f"{folder}/*", include=f"{folder}/*")
     return SAE.from_pretrained(release, sae_id, device=device)
 
 

@@ -88,8 +88,8 @@ def ito(sae, tv: torch.Tensor, target_l0: int = 40, subtract_b_dec: bool = False
     Returns the vector to steer with (``w W_dec``, plus b_dec when it was
     subtracted first) and the pursuit result (weights, errors, pick order).
     """
-    D = sae.W_dec.float().cpu()                                     # (F, d)
-    b_dec = sae.b_dec.float().cpu() if subtract_b_dec else 0
-    result = gradient_pursuit(tv.float().cpu() - b_dec, D, target_l0, step)
-    vector = result.weights @ D + b_dec
+    D = sae.W_dec.float()                                           # (F, d), on the SAE's device
+    b_dec = sae.b_dec.float() if subtract_b_dec else 0
+    result = gradient_pursuit(tv.to(D) - b_dec, D, target_l0, step)
+    vector = (result.weights.to(D) @ D + b_dec).cpu()
     return vector.squeeze(0) if tv.dim() == 1 else vector, result

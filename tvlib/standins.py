@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .models import PRESETS, Preset, preset_to_json
+from .models import PRESETS, Preset, get_preset, preset_to_json
 from .paths import TOY_DIR
 
 ARCHITECTURES = {"gpt2": "gpt2", "gemma-2b": "gemma", "gemma-2b-it-authors": "gemma",
@@ -107,7 +107,7 @@ def make_standin(preset_name: str, out_dir: str | Path, n_layers: int = 4, d_mod
         folder_name = real.sae_id.format(layer=block).replace("*", "3.00E-05")
         if real.sae_format == "authors":
             save_authors_sae(sae_dir / folder_name, weights, generator,
-                             mean_norm=math.sqrt(d_model))
+                             mean_norm=2 * math.sqrt(d_model))   # a norm factor of 1/2
         else:
             architecture = "jumprelu" if "gemma-scope" in (real.sae_release or "") else "standard"
             save_sae_lens_sae(sae_dir / folder_name, architecture, weights,
@@ -115,11 +115,11 @@ def make_standin(preset_name: str, out_dir: str | Path, n_layers: int = 4, d_mod
 
     corpus = json.loads((TOY_DIR / "corpus.json").read_text(encoding="utf-8"))[:40]
     (out_dir / "corpus.json").write_text(json.dumps(corpus))
+    # Paths relative to preset.json, so the folder can be copied elsewhere.
     preset = dataclasses.replace(
-        real, name=f"{preset_name}-standin", model_id=str(out_dir / "model"),
-        sae_layers=tuple(blocks), sae_release=None, sae_repo=None, sae_dir=str(sae_dir),
-        n_shots=4, dtype_cuda="float32", task_layer=n_layers - 1,
-        detector_layer=n_layers - 2, max_pairs_per_task=100,
-        corpus=str(out_dir / "corpus.json"))
+        real, name=f"{preset_name}-standin", model_id="model", sae_layers=tuple(blocks),
+        sae_release=None, sae_repo=None, sae_dir="saes", n_shots=4, dtype_cuda="float32",
+        task_layer=n_layers - 1, detector_layer=n_layers - 2, max_pairs_per_task=100,
+        corpus="corpus.json")
     preset_to_json(preset, out_dir / "preset.json")
-    return preset
+    return get_preset(out_dir)

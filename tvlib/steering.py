@@ -18,7 +18,8 @@ from .taskvec import Steering, score
 
 def feature_directions(sae, features) -> torch.Tensor:
     """(n_features, d) unit decoder directions."""
-    W = sae.W_dec.detach().float().cpu()[torch.as_tensor(list(features), dtype=torch.long)]
+    rows = torch.as_tensor(list(features), dtype=torch.long, device=sae.W_dec.device)
+    W = sae.W_dec.detach()[rows].float().cpu()
     return W / W.norm(dim=-1, keepdim=True)
 
 
