@@ -14,11 +14,11 @@ import time
 
 import torch
 
-from tvlib.cleanup import CleanupConfig, _activation, _nll, cleanup, initial_theta
+from tvlib.cleanup import CleanupConfig, _activation, cleanup, initial_theta
 from tvlib.experiments import PromptConfig, build_task_prompts
 from tvlib.models import load_model, load_sae
 from tvlib.tasks import load_task
-from tvlib.taskvec import task_vectors
+from tvlib.taskvec import answer_nll, task_vectors
 
 
 def plain_pytorch_loop(lm, sae, layer, tv, train, cfg: CleanupConfig, steps: int):
@@ -44,7 +44,7 @@ def plain_pytorch_loop(lm, sae, layer, tv, train, cfg: CleanupConfig, steps: int
             w = act(theta)
             steering["v"] = sae.decode(w)
             logits = model(**train.model_inputs()).logits
-            loss = _nll(logits[rows.unsqueeze(-1), predict_pos], train.targets) + \
+            loss = answer_nll(logits[rows.unsqueeze(-1), predict_pos], train.targets).mean() + \
                 cfg.lam * (w * dec_norms).sum() * l1_scale
             optimizer.zero_grad()
             loss.backward()

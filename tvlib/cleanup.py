@@ -30,11 +30,12 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .models import (blocks, check_layer, model_device, model_dtype, require_local, resid_pre,
-                     to_model, trace)
+from .models import (blocks, check_layer, model_device, model_dtype, require_local, to_model,
+                     trace)
 from .prompts import PromptBatch
 from .pursuit import gradient_pursuit
-from .taskvec import Steering, collect_residuals, score
+from .taskvec import (Steering, answer_nll, apply_steering, collect_residuals,
+                      logits_at_targets, score)
 
 
 @dataclass(frozen=True)
@@ -98,14 +99,6 @@ def initial_theta(sae, tv: torch.Tensor, init: str = "encoder", pursuit_l0: int 
     return torch.where(active, pre, pre.clamp(max=0))
 
 
-def _nll(logits_at_targets: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean over prompts of the answer NLL summed over scored tokens (differentiable)."""
-    logprobs = logits_at_targets.float().log_softmax(-1)
-    targets = targets.to(logprobs.device)      # the last GPU's, under device_map="auto"
-    picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return -(picked * (targets >= 0)).sum(-1).mean()
-
-
 def cleanup(lm, sae, layer: int, tv: torch.Tensor, train: PromptBatch,
             heldout: PromptBatch | None = None, cfg: CleanupConfig = CleanupConfig(),
             seed: int = 0) -> CleanupResult:
@@ -123,14 +116,10 @@ def cleanup(lm, sae, layer: int, tv: torch.Tensor, train: PromptBatch,
 
     # The blocks before `layer` see the same tokens every step: run them once.
     inputs = to_model(lm, train.model_inputs())
-    device = model_device(lm)
     if layer > 0:
         positions = torch.arange(train.input_ids.shape[1]).expand_as(train.input_ids)
         cached = collect_residuals(lm, inputs, [layer], positions, len(train))[0]   # (B, T, d)
-        cached = cached.to(device=device, dtype=model_dtype(lm))
-    rows = torch.arange(len(train))
-    targets = train.targets.to(device)
-    predict_pos = (train.target_pos - 1).clamp(min=0)
+        cached = cached.to(device=model_device(lm), dtype=model_dtype(lm))
 
     result = CleanupResult(weights=act(theta0).detach().cpu(),
                            vector=decode(act(theta0)).detach().cpu(),
@@ -148,10 +137,8 @@ def cleanup(lm, sae, layer: int, tv: torch.Tensor, train: PromptBatch,
                 start = cached.clone()     # edited in place below: keep the cache clean
                 for block in blocks(lm)[:layer]:
                     block.skip(start)
-            h = resid_pre(lm, layer)
-            h[rows, train.steer_pos] += v.to(device=h.device, dtype=h.dtype)
-            saved["nll"] = _nll(lm.output.logits[rows.unsqueeze(-1), predict_pos],
-                                targets).save()
+            apply_steering(lm, Steering(layer, v), train)
+            saved["nll"] = answer_nll(logits_at_targets(lm, train), train.targets).mean().save()
         nll = saved["nll"].to(l1.device)
         loss = nll + cfg.lam * l1
         if not torch.isfinite(loss):

@@ -25,7 +25,7 @@ def corpus_texts(preset, n_texts: int = 2000) -> list[str]:
     ``corpus.json``) or a hub dataset with a ``text`` column (real models).
     """
     from .models import get_preset
-    preset = get_preset(preset) if not hasattr(preset, "corpus") else preset
+    preset = get_preset(preset)
     if preset.corpus is None:
         raise ValueError(f"preset {preset.name!r} names no corpus: pass your own list of texts "
                          "to tokenize_corpus (e.g. a slice of a pretraining dataset)")

@@ -19,9 +19,6 @@ from .authors_sae import load_authors_sae
 from .hub import download_first_folder, require_hub
 from .paths import TOY_DIR
 
-SITES = ("resid_pre", "resid_post")
-
-
 @dataclass(frozen=True)
 class Preset:
     """One row of the preset table: a model and where its SAEs come from."""
@@ -74,8 +71,13 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def get_preset(name: str | Path) -> Preset:
-    """A preset by name, or from a folder holding ``preset.json`` (e.g. a stand-in)."""
+def get_preset(name: str | Path | Preset) -> Preset:
+    """A preset by name, or from a folder holding ``preset.json`` (e.g. a stand-in).
+
+    A Preset is returned as it is, so every loader takes either.
+    """
+    if isinstance(name, Preset):
+        return name
     if name in PRESETS:
         return PRESETS[name]
     path = Path(name) / "preset.json"
@@ -105,10 +107,6 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _resolve(preset: str | Preset) -> Preset:
-    return preset if isinstance(preset, Preset) else get_preset(preset)
-
-
 def load_model(preset: str | Preset, device: str | None = None, device_map: str | None = None,
                remote: bool | str = False, dtype: str | None = None):
     """The preset's model wrapped by nnsight, in eval mode, ready to trace.
@@ -122,7 +120,7 @@ def load_model(preset: str | Preset, device: str | None = None, device_map: str 
     """
     from nnsight.modeling.transformers import TransformersModel
 
-    preset = _resolve(preset)
+    preset = get_preset(preset)
     local_dir = Path(preset.model_id).is_dir()
     if preset.name == "toy" and not local_dir:
         raise FileNotFoundError(
@@ -244,7 +242,7 @@ def load_sae(preset: str | Preset, layer: int, device: str | None = None):
     block (``sae_views.sae_site`` reads them as resid_pre). device: default CUDA if
     available; the SAE stays float32.
     """
-    preset = _resolve(preset)
+    preset = get_preset(preset)
     available = preset.resid_pre_layers_with_sae()
     if layer not in available:
         raise ValueError(f"preset {preset.name!r} has no SAE reading resid_pre {layer}; "

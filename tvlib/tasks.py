@@ -128,9 +128,15 @@ def generate_algorithmic(name: str, n_lists: int = 120, seed: int = 0) -> Task:
     rng = random.Random(f"lists-{seed}")
     pairs: dict[str, str] = {}
     while len(pairs) < n_lists:
-        items = rng.sample(LIST_WORDS, rng.randint(3, 4))
-        pairs[" ".join(items)] = items[LIST_PICKS[name]]
+        x, y = random_list_pair(rng, name)
+        pairs[x] = y
     return Task(name, tuple(pairs.items()))
+
+
+def random_list_pair(rng: random.Random, name: str) -> tuple[str, str]:
+    """One (list, picked item) pair of list task ``name``: 3 or 4 distinct words."""
+    items = rng.sample(LIST_WORDS, rng.randint(3, 4))
+    return " ".join(items), items[LIST_PICKS[name]]
 
 
 _NUMBER_OFFSETS = {"num_plus_1": 1, "num_minus_1": -1, "num_plus_2": 2}

@@ -53,29 +53,34 @@ class Scores:
         return (masked.argmax(-1) == self.first_targets).float().mean().item()
 
 
-def score_logits(logits_at_targets: torch.Tensor, targets: torch.Tensor,
-                 keep_logits: bool = False) -> Scores:
-    """Scores from logits gathered at the positions predicting each target.
+def answer_nll(logits_at_targets: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B,) NLL of each answer summed over its scored tokens (differentiable).
 
     logits_at_targets: (B, n_first, V), the logits at target_pos - 1
     targets: (B, n_first) token ids, -1 where the answer has fewer tokens
     """
     logprobs = logits_at_targets.float().log_softmax(-1)
-    present = targets >= 0
+    targets = targets.to(logprobs.device)      # the last GPU's, under device_map="auto"
     picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    nll = -(picked * present).sum(-1)
+    return -(picked * (targets >= 0)).sum(-1)
+
+
+def score_logits(logits_at_targets: torch.Tensor, targets: torch.Tensor,
+                 keep_logits: bool = False) -> Scores:
+    """Scores from logits gathered at the positions predicting each target (as above)."""
+    nll = answer_nll(logits_at_targets, targets)
     first = logits_at_targets[:, 0].float()
     correct = first.argmax(-1) == targets[:, 0]
     return Scores(nll, correct, targets[:, 0], first if keep_logits else None)
 
 
-def _logits_at_targets(lm, batch: PromptBatch) -> torch.Tensor:
+def logits_at_targets(lm, batch: PromptBatch) -> torch.Tensor:
     """Inside a trace: (B, n_first, V) logits predicting each scored answer token."""
     rows = torch.arange(len(batch)).unsqueeze(-1)
     return lm.output.logits[rows, (batch.target_pos - 1).clamp(min=0)]
 
 
-def _apply(lm, steering: Steering | None, batch: PromptBatch) -> None:
+def apply_steering(lm, steering: Steering | None, batch: PromptBatch) -> None:
     """Inside a trace: write the steering into the residual stream."""
     if steering is None:
         return
@@ -103,8 +108,8 @@ def score(lm, batch: PromptBatch, steering: Steering | None = None,
                 rows = slice(len(parts) * batch_size, len(parts) * batch_size + len(chunk))
                 chunk_steering = Steering(steering.layer, steering.vector[rows], steering.mode)
             with trace(lm, chunk.model_inputs()):
-                _apply(lm, chunk_steering, chunk)
-                logits = _logits_at_targets(lm, chunk).save()
+                apply_steering(lm, chunk_steering, chunk)
+                logits = logits_at_targets(lm, chunk).save()
             parts.append(score_logits(logits.cpu(), chunk.targets, keep_logits))
     joined = {f: torch.cat([getattr(p, f) for p in parts])
               for f in ("nll", "correct", "first_targets")}

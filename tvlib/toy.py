@@ -26,7 +26,7 @@ import torch
 
 from .paths import TOY_DIR
 from .prompts import FORMATS, render
-from .tasks import ALGORITHMIC_TASKS, ALL_TASKS, LIST_PICKS, LIST_WORDS, Task, load_task
+from .tasks import ALGORITHMIC_TASKS, ALL_TASKS, LIST_PICKS, Task, load_task, random_list_pair
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<unk>", "<eos>")
 
@@ -123,8 +123,9 @@ def split_pairs(task: Task, cfg: ToyConfig) -> tuple[list, list]:
     For list tasks the held-out pairs appear nowhere at all (the rule is
     algorithmic); for the others they appear only in fact sentences.
     """
-    icl = [p for p in task.pairs if not is_heldout(p[0], cfg)]
-    heldout = [p for p in task.pairs if is_heldout(p[0], cfg)]
+    icl, heldout = [], []
+    for pair in task.pairs:
+        (heldout if is_heldout(pair[0], cfg) else icl).append(pair)
     return icl, heldout
 
 
@@ -134,10 +135,9 @@ def fresh_list_pairs(rng: random.Random, name: str, n: int, cfg: ToyConfig) -> l
     """``n`` distinct random lists for list task ``name``, none of them held out."""
     pairs: dict[str, str] = {}
     while len(pairs) < n:
-        items = rng.sample(LIST_WORDS, rng.randint(3, 4))
-        x = " ".join(items)
+        x, y = random_list_pair(rng, name)
         if not is_heldout(x, cfg):
-            pairs[x] = items[LIST_PICKS[name]]
+            pairs[x] = y
     return list(pairs.items())
 
 
