@@ -1,25 +1,90 @@
+"""The results cache: one key covering everything a result depends on; damaged
+entries recomputed; an unwritable cache never loses a finished computation."""
+
+import dataclasses
+import shutil
+
 import pandas as pd
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
-from tvlib.cache import cached_table, config_key, write_atomic
+from tvlib.cache import (CacheWarning, cached_table, cached_tables, digest, result_key,
+                         write_atomic)
+from tvlib.experiments import PromptConfig, run_sae_view_sweep
+from tvlib.models import PRESETS, get_preset, load_model, preset_to_json
+from tvlib.paths import TOY_DIR
+
+KEY = {"experiment": "sweep", "format": 2, "config": {"task": "a", "layers": [1, 2]}}
+
+
+def table():
+    return pd.DataFrame({"task": ["a", "b"], "nll": [1.5, 2.25], "layer": [None, 3]})
+
+
+class Counter:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self):
+        self.calls += 1
+        return table()
+
+
+def entry_files(cache_dir):
+    return sorted(p for p in (cache_dir / "sweep").iterdir())
 
 
 def test_rerun_reuses_finished_results(tmp_path):
-    calls = []
-
-    def compute():
-        calls.append(1)
-        return pd.DataFrame({"task": ["a", "b"], "nll": [1.5, 2.25], "layer": [None, 3]})
-
-    first = cached_table("sweep", {"task": "a", "layers": [1, 2]}, compute, tmp_path)
-    second = cached_table("sweep", {"layers": [1, 2], "task": "a"}, compute, tmp_path)
-    assert len(calls) == 1                       # key order does not matter
+    compute = Counter()
+    first = cached_table(KEY, compute, tmp_path)
+    reordered = {"config": {"layers": [1, 2], "task": "a"}, "format": 2, "experiment": "sweep"}
+    second = cached_table(reordered, compute, tmp_path)
+    assert compute.calls == 1                       # key order does not matter
     pd.testing.assert_frame_equal(first, second, check_dtype=False)
-    cached_table("sweep", {"task": "a", "layers": [1, 3]}, compute, tmp_path)
-    assert len(calls) == 2                       # a new configuration is computed
-    cached_table("sweep", {"task": "a", "layers": [1, 3]}, compute, tmp_path, refresh=True)
-    assert len(calls) == 3
-    assert config_key({"a": 1}) != config_key({"a": 2})
+    cached_table({**KEY, "config": {"task": "a", "layers": [1, 3]}}, compute, tmp_path)
+    assert compute.calls == 2                       # a new configuration is computed
+    cached_table(KEY, compute, tmp_path, refresh=True)
+    assert compute.calls == 3
+    assert digest({"a": 1}) != digest({"a": 2})
+
+
+@pytest.mark.parametrize("damage", ["truncate_csv", "empty_csv", "garbage_csv", "delete_csv",
+                                    "truncate_json", "empty_json", "other_key"])
+def test_damaged_entries_are_recomputed_with_a_warning(tmp_path, damage):
+    compute = Counter()
+    cached_table(KEY, compute, tmp_path)
+    csv, record = [p for p in entry_files(tmp_path) if p.suffix == ".csv"][0], \
+        [p for p in entry_files(tmp_path) if p.suffix == ".json"][0]
+    if damage == "truncate_csv":
+        csv.write_bytes(csv.read_bytes()[:-6])      # a partial table, still valid CSV
+    elif damage == "empty_csv":
+        csv.write_text("")
+    elif damage == "garbage_csv":
+        csv.write_bytes(b"\x00\xff garbage")
+    elif damage == "delete_csv":
+        csv.unlink()
+    elif damage == "truncate_json":
+        record.write_text(record.read_text()[:40])
+    elif damage == "empty_json":
+        record.write_text("")
+    else:
+        record.write_text(record.read_text().replace('"task": "a"', '"task": "z"'))
+    with pytest.warns(CacheWarning, match=f"damaged cache entry.*{tmp_path}"):
+        again = cached_table(KEY, compute, tmp_path)
+    assert compute.calls == 2
+    pd.testing.assert_frame_equal(again, table())
+    assert cached_table(KEY, compute, tmp_path).equals(pd.read_csv(csv))   # repaired
+    assert compute.calls == 2
+
+
+def test_unwritable_cache_warns_and_returns_the_result(tmp_path):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder should be")
+    compute = Counter()
+    with pytest.warns(CacheWarning, match="could not write.*TVLIB_CACHE_DIR"):
+        result = cached_tables(KEY, lambda: {"scores": compute()}, blocked)
+    pd.testing.assert_frame_equal(result["scores"], table())
 
 
 def test_failed_write_leaves_previous_file(tmp_path):
@@ -41,5 +106,53 @@ def test_failed_compute_writes_nothing(tmp_path):
         raise ValueError("NaN in loss")
 
     with pytest.raises(ValueError):
-        cached_table("sweep", {"x": 1}, compute, tmp_path)
+        cached_table(KEY, compute, tmp_path)
     assert not any(tmp_path.rglob("*.csv"))
+
+
+@pytest.fixture()
+def toy_copy(tmp_path):
+    """The embedded preset with its SAEs copied to a folder the test may change."""
+    shutil.copytree(TOY_DIR / "saes", tmp_path / "saes")
+    preset = dataclasses.replace(PRESETS["toy"], name="toy-copy", sae_dir=str(tmp_path / "saes"))
+    preset_to_json(preset, tmp_path / "preset.json")
+    return tmp_path
+
+
+def scale_decoder(sae_folder, factor):
+    """Stand-in for retraining an SAE: its weights file is rewritten."""
+    path = sae_folder / "sae_weights.safetensors"
+    weights = load_file(str(path))
+    weights["W_dec"] = weights["W_dec"] * factor
+    save_file(weights, str(path))
+
+
+def test_key_covers_model_files_saes_dtype_and_config(toy_copy):
+    lm = load_model(str(toy_copy), device="cpu")
+    base = result_key("sweep", lm, [4], prompts=PromptConfig())
+    assert result_key("sweep", lm, [4], prompts=PromptConfig()) == base
+    assert result_key("sweep", lm, [3], prompts=PromptConfig()) != base
+    assert result_key("sweep", lm, [4], prompts=PromptConfig(seed=1)) != base
+    assert base["model"]["device"] == "cpu" and base["model"]["dtype"] == "float32"
+    bf16 = load_model(str(toy_copy), device="cpu", dtype="bfloat16")
+    assert result_key("sweep", bf16, [4], prompts=PromptConfig()) != base
+    scale_decoder(toy_copy / "saes" / "layer_4", 2.0)
+    assert result_key("sweep", lm, [4], prompts=PromptConfig()) != base
+    assert set(base) >= {"format", "model", "saes", "libraries", "config"}
+
+
+def test_replacing_an_sae_recomputes_the_results_it_changes(toy_copy, tmp_path, monkeypatch):
+    """The stale-cache case: an SAE retrained after its results were cached."""
+    monkeypatch.setenv("TVLIB_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr("tvlib.cache.CACHE_DIR", tmp_path / "cache")
+    lm = load_model(str(toy_copy), device="cpu")
+    cfg = PromptConfig(n_prompts=4, n_shots=4, n_eval=6)
+    before = run_sae_view_sweep(lm, ["antonyms"], [4], cfg, target_l0=5)
+    scale_decoder(toy_copy / "saes" / "layer_4", 3.0)
+    after = run_sae_view_sweep(lm, ["antonyms"], [4], cfg, target_l0=5)
+    recon = lambda t: t[t.method == "Recon of TV"].nll.item()   # noqa: E731
+    assert recon(after) != pytest.approx(recon(before), abs=1e-3)
+    tv = lambda t: t[t.method == "TV"].nll.item()                # noqa: E731
+    assert tv(after) == pytest.approx(tv(before), abs=1e-6)      # the TV has no SAE
+    assert get_preset(str(toy_copy)).name == "toy-copy"
+    assert torch.isfinite(torch.tensor(after.nll.tolist())).all()

@@ -1,14 +1,23 @@
+import copy
+import math
+
 import pytest
 import torch
+from sae_lens import SAE, StandardSAEConfig, TopKSAEConfig
 
+import tvlib.cleanup
+from tests.test_pursuit import HAND_D, HAND_X
 from tests.test_sae_views import ARCHITECTURES, random_sae
-from tvlib.cleanup import CleanupConfig, CleanupDiverged, _activation, cleanup, initial_theta
-from tvlib.models import load_sae
+from tvlib.cleanup import (CleanupConfig, CleanupDiverged, _activation, cleanup, initial_theta,
+                           sae_threshold)
+from tvlib.models import get_preset, load_sae
 from tvlib.prompts import few_shot_prompts, tokenize_prompts, zero_shot_prompts
+from tvlib.pursuit import gradient_pursuit
 from tvlib.taskvec import Steering, score, task_vectors
 from tvlib.tasks import load_task
 
-TASK = load_task("antonyms")
+TASK = load_task("antonyms").head(get_preset("toy").max_pairs_per_task)   # words it knows
+TOY_LAYERS = list(get_preset("toy").resid_pre_layers_with_sae())
 FAST = CleanupConfig(max_steps=40, patience=200, progress=False)
 
 
@@ -25,12 +34,103 @@ def setup(toy_lm):
             "sae": load_sae("toy", layer)}
 
 
-@pytest.mark.parametrize("architecture", sorted(set(ARCHITECTURES) - {"topk"}))
-def test_initial_weights_are_the_sae_encoding(architecture):
+@pytest.mark.parametrize("activation", ["sae", "relu"])
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_initial_weights_are_the_sae_encoding(architecture, activation):
     sae = random_sae(architecture)
-    tv = torch.randn(128)
-    theta0 = initial_theta(sae, tv)
-    torch.testing.assert_close(_activation(sae)(theta0), sae.encode(tv[None])[0])
+    for seed in range(20):
+        tv = 3 * torch.randn(128, generator=torch.Generator().manual_seed(seed))
+        theta0 = initial_theta(sae, tv, activation=activation)
+        assert torch.equal(_activation(sae, activation)(theta0), sae.encode(tv[None])[0])
+
+
+# ---------------------------------------------------------------- the gate of gated SAEs
+
+def gated_saes():
+    """A random sae-lens GatedSAE and the shipped toy ones (all gated)."""
+    return [("random", random_sae("gated"))] + [
+        (f"toy L{layer}", load_sae("toy", layer, device="cpu")) for layer in TOY_LAYERS]
+
+
+def test_gate_as_threshold_reproduces_the_gated_encoder():
+    """act(m) = encode(x) on raw pre-activations m, not only on the clamped start."""
+    g = torch.Generator().manual_seed(0)
+    for name, sae in gated_saes():
+        x = sae.b_dec.detach() + 3 * torch.randn(64, sae.cfg.d_in, generator=g)
+        with torch.no_grad():
+            _, cache = sae.run_with_cache(x)
+            m, f = cache["hook_sae_acts_pre"], sae.encode(x)                # (64, F)
+            assert torch.equal(_activation(sae, "sae")(m), f), name
+            # plain ReLU keeps features whose gate is closed
+            assert (torch.relu(m) != f).any(), name
+        threshold = (sae.b_mag - sae.b_gate * sae.r_mag.exp()).clamp(min=0).detach()
+        assert torch.equal(sae_threshold(sae), threshold)
+
+
+def test_initial_weights_of_gated_saes_are_the_encoding_and_the_gate_closes():
+    g = torch.Generator().manual_seed(1)
+    for name, sae in gated_saes():
+        tv = sae.b_dec.detach() + 3 * torch.randn(sae.cfg.d_in, generator=g)
+        encoding = sae.encode(tv[None])[0].detach()
+        for activation in ("sae", "relu"):
+            theta0 = initial_theta(sae, tv, activation=activation)
+            assert torch.equal(_activation(sae, activation)(theta0), encoding), name
+        # a theta moved below a positive gate threshold: w = 0 under "sae" only
+        threshold = sae_threshold(sae)
+        gated = int(threshold.argmax())
+        assert threshold[gated] > 0, name
+        theta = theta0.clone()
+        theta[gated] = threshold[gated] / 2
+        assert _activation(sae, "sae")(theta)[gated] == 0, name
+        assert _activation(sae, "relu")(theta)[gated] == threshold[gated] / 2, name
+        theta[gated] = threshold[gated] * 2
+        assert _activation(sae, "sae")(theta)[gated] == threshold[gated] * 2, name
+
+
+def test_topk_activation_is_exact_and_other_architectures_are_refused():
+    sae = random_sae("topk")
+    theta = torch.randn(256, generator=torch.Generator().manual_seed(0))
+    w = _activation(sae, "sae")(theta)
+    assert int((w > 0).sum()) == sae.cfg.k                  # 100 of 256 positive: keep 100
+    torch.testing.assert_close(w, sae.activation_fn(theta))
+    rescaled = SAE.from_dict(TopKSAEConfig(d_in=128, d_sae=256,
+                                           rescale_acts_by_decoder_norm=True).to_dict())
+    with pytest.raises(ValueError, match="not this 'topk' SAE: pass CleanupConfig"
+                                         r"\(activation='relu'\)"):
+        _activation(rescaled, "sae")
+    assert _activation(rescaled, "relu") is torch.relu
+
+
+def test_cleanup_uses_the_gate_by_default(toy_lm, setup):
+    """Under "relu" the toy gated SAE keeps features its gate closes; "sae" never does."""
+    s = setup
+    runs = {a: cleanup(toy_lm, s["sae"], s["layer"], s["tv"], s["train"],
+                       cfg=CleanupConfig(max_steps=30, lam=0.05, progress=False, activation=a))
+            for a in ("sae", "relu")}
+    threshold = sae_threshold(s["sae"])
+    kept = runs["sae"].weights > 0
+    assert (runs["sae"].weights[kept] > threshold[kept]).all()
+    below = (runs["relu"].weights > 0) & (runs["relu"].weights <= threshold)
+    assert CleanupConfig().activation == "sae"
+    assert below.any()          # ReLU lets weights sink under the gate and stay on
+
+
+# ---------------------------------------------------------------- the L1 term
+
+@pytest.mark.parametrize("l1", ["norm_scaled", "authors"])
+def test_l1_term_of_the_first_step(toy_lm, setup, l1):
+    s = setup
+    lam = 0.1
+    result = cleanup(toy_lm, s["sae"], s["layer"], s["tv"], s["train"],
+                     cfg=CleanupConfig(max_steps=1, lam=lam, l1=l1, progress=False))
+    w0 = result.initial_weights
+    if l1 == "norm_scaled":
+        expected = (w0 * s["sae"].W_dec.detach().norm(dim=-1)).sum() * math.sqrt(128) \
+            / s["tv"].norm()
+    else:
+        expected = w0.sum()
+    assert (result.loss[0] - result.nll[0]) == pytest.approx(lam * expected.item(), rel=1e-5)
+    assert CleanupConfig().l1 == "norm_scaled"
 
 
 def test_first_step_matches_plain_steering(toy_lm, setup):
@@ -83,11 +183,54 @@ def test_same_seed_same_result(toy_lm, setup):
     assert a.loss == b.loss and torch.equal(a.weights, b.weights)
 
 
-def test_nan_stops_with_clear_error(toy_lm, setup):
+def test_nan_loss_stops_with_clear_error(toy_lm, setup):
     s = setup
+    broken = copy.deepcopy(s["sae"])
+    with torch.no_grad():
+        broken.b_dec[0] = float("nan")          # every steering vector is NaN
     with pytest.raises(CleanupDiverged, match="at step 0 .*layer 3.*lower CleanupConfig.lr"):
-        cleanup(toy_lm, s["sae"], s["layer"], torch.full_like(s["tv"], float("nan")),
-                s["train"], cfg=FAST)
+        cleanup(toy_lm, broken, s["layer"], s["tv"], s["train"], cfg=FAST)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_task_vector_is_refused(toy_lm, setup, bad):
+    s = setup
+    tv = s["tv"].clone()
+    tv[5] = bad
+    with pytest.raises(ValueError, match="tv holds 1 NaN or infinite.*pass a finite"):
+        cleanup(toy_lm, s["sae"], s["layer"], tv, s["train"], cfg=FAST)
+
+
+def test_a_task_vector_of_the_wrong_shape_is_refused(toy_lm, setup):
+    s = setup
+    with pytest.raises(ValueError, match=r"tv must be one vector.*shape \(128,\).*shape \(64,\)"):
+        cleanup(toy_lm, s["sae"], s["layer"], s["tv"][:64], s["train"], cfg=FAST)
+    with pytest.raises(ValueError, match=r"shape \(2, 128\)"):
+        cleanup(toy_lm, s["sae"], s["layer"], s["tv"].expand(2, 128), s["train"], cfg=FAST)
+
+
+def test_the_sae_of_another_layer_is_refused(toy_lm, setup):
+    s = setup
+    with pytest.raises(ValueError, match="resid_pre 4"):
+        cleanup(toy_lm, load_sae("toy", 4, device="cpu"), s["layer"], s["tv"], s["train"],
+                cfg=FAST)
+
+
+@pytest.mark.parametrize("field, value, fix", [
+    ("lam", -0.1, "lam=0.02"), ("lam", float("nan"), "lam=0.02"), ("lam", math.inf, "lam=0.02"),
+    ("lr", 0.0, "lr=0.01"), ("lr", -1e-3, "lr=0.01"), ("lr", math.inf, "lr=0.01"),
+    ("max_steps", 0, "max_steps=1000"), ("patience", 0, "patience=200"),
+    ("pursuit_l0", 0, "pursuit_l0=7"), ("max_steps", 2.5, "max_steps=1000"),
+    ("init", "random", "init='encoder', init='pursuit'"),
+    ("activation", "gelu", "activation='sae', activation='relu'"),
+    ("l1", "l2", "l1='norm_scaled', l1='authors'"),
+    ("pursuit_selection", "best", "pursuit_selection='inactive', pursuit_selection='all'"),
+])
+def test_invalid_config_is_refused_with_field_value_and_fix(field, value, fix):
+    with pytest.raises(ValueError) as err:
+        CleanupConfig(**{field: value})
+    message = str(err.value)
+    assert f"CleanupConfig.{field}={value!r}" in message and fix in message
 
 
 def test_pursuit_initialisation(setup):
@@ -95,3 +238,31 @@ def test_pursuit_initialisation(setup):
     assert 0 < int((theta > 0).sum()) <= 7
     with pytest.raises(ValueError, match="init must be"):
         initial_theta(setup["sae"], setup["tv"], init="random")
+
+
+def test_pursuit_initialisation_takes_the_selection_rule():
+    sae = SAE.from_dict(StandardSAEConfig(d_in=2, d_sae=4).to_dict())
+    with torch.no_grad():
+        sae.W_dec.copy_(HAND_D)                 # where the rules differ (test_pursuit)
+    thetas = {}
+    for selection in ("inactive", "all"):
+        thetas[selection] = initial_theta(sae, HAND_X, init="pursuit", pursuit_l0=3,
+                                          pursuit_selection=selection)
+        w = gradient_pursuit(HAND_X, HAND_D, 3, selection=selection).weights[0]
+        assert torch.equal(thetas[selection], torch.where(w > 0, w, -1.0))
+    assert not torch.equal(thetas["inactive"], thetas["all"])
+
+
+def test_cleanup_passes_the_pursuit_selection_on(toy_lm, setup, monkeypatch):
+    s = setup
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("selection"))
+        return gradient_pursuit(*args, **kwargs)
+
+    monkeypatch.setattr(tvlib.cleanup, "gradient_pursuit", spy)
+    for selection in ("all", "inactive"):
+        cleanup(toy_lm, s["sae"], s["layer"], s["tv"], s["train"], cfg=CleanupConfig(
+            max_steps=1, init="pursuit", pursuit_selection=selection, progress=False))
+    assert seen == ["all", "inactive"]

@@ -24,7 +24,8 @@ def test_public_presets_exist_in_installed_sae_lens_catalogue(name):
 
 
 # Blocks per model (the architectures' configs), for checks that need no download.
-N_BLOCKS = {"toy": 6, "gpt2": 12, "gemma-2b": 18, "gemma-2b-it-authors": 18, "gemma-2-2b": 26}
+N_BLOCKS = {"toy": 6, "gpt2": 12, "gemma-2b": 18, "gemma-2b-it-authors": 18,
+            "gemma-2b-it-authors-scripts": 18, "gemma-2-2b": 26}
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

@@ -40,3 +40,27 @@ def test_notebook_smoke(notebook: Path, preset, tmp_path, monkeypatch, request):
     # the second run reads every result from the cache
     tables = list((tmp_path / "cache").rglob("*.csv"))
     assert tables
+    check_outputs(tmp_path / notebook.name)
+
+
+def check_outputs(executed: Path) -> None:
+    """Figures show inline (not a list of paths) and no widget warning is printed."""
+    import nbformat
+    cells = [c for c in nbformat.read(executed, as_version=4).cells if c.cell_type == "code"]
+    saving = [c for c in cells if "save_figure(" in c.source]
+    for cell in saving:
+        kinds = {kind for out in cell.outputs for kind in out.get("data", {})}
+        assert "image/png" in kinds, cell.source
+    streams = "".join(out.get("text", "") for c in cells for out in c.outputs)
+    assert "IProgress not found" not in streams and "figures/" not in streams
+
+
+def test_zero_shots_in_a_notebook_is_refused_not_replaced(tmp_path, monkeypatch):
+    """N_SHOTS = 0 used to become the preset's default through an `or`."""
+    import papermill
+    monkeypatch.setenv("TVLIB_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(papermill.PapermillExecutionError, match="n_shots must be a positive"):
+        papermill.execute_notebook(str(NOTEBOOKS[0]), str(tmp_path / "out.ipynb"),
+                                   parameters={"SMOKE": True, "N_SHOTS": 0},
+                                   kernel_name="python3", progress_bar=False,
+                                   cwd=str(REPO_ROOT / "notebooks"))

@@ -1,7 +1,6 @@
 import pytest
-import torch
 
-from tvlib.prompts import (FORMATS, detector_prompts, few_shot_prompts, render,
+from tvlib.prompts import (FORMATS, TOY_FORMATS, detector_prompts, few_shot_prompts, render,
                            tokenize_prompts, zero_shot_prompts)
 from tvlib.tasks import Task, TaskDataError
 
@@ -17,20 +16,39 @@ def test_authors_format_text_and_spans():
     assert prompt.text[slice(*prompt.steer)] == ">"
 
 
+@pytest.mark.parametrize("fmt,family,expected", [
+    # Hendel et al.: linguistic and translation tasks carry a leading space, knowledge not.
+    ("hendel", "linguistic", "example: hot-> cold\nexample: up-> down"),
+    ("hendel", "translation", "example: hot-> cold\nexample: up-> down"),
+    ("hendel", "knowledge", "example:hot->cold\nexample:up->down"),
+    ("hendel", "algorithmic", "example:hot->cold\nexample:up->down"),
+    ("hendel", None, "example: hot-> cold\nexample: up-> down"),   # MappingTask's default
+    # Todd et al.: "Q: x\nA: y" blocks joined by a blank line.
+    ("todd", "knowledge", "Q: hot\nA: cold\n\nQ: up\nA: down"),
+])
+def test_peer_formats_are_the_peers_strings(fmt, family, expected):
+    prompt = render(FORMATS[fmt], [("hot", "cold")], "up", "down", family=family)
+    assert prompt.text == expected
+    assert [prompt.text[s:e] for s, e in prompt.separators] == [fmt == "todd" and ":" or ">"] * 2
+
+
 @pytest.mark.parametrize("fmt,expected", [
     ("hendel", "hot->cold\nup->down"),
     ("todd", "Q:hot\nA:cold\n\nQ:up\nA:down"),
 ])
-def test_other_formats(fmt, expected):
-    assert render(FORMATS[fmt], [("hot", "cold")], "up", "down").text == expected
+def test_formats_the_embedded_model_was_trained_on_are_unchanged(fmt, expected):
+    assert render(TOY_FORMATS[fmt], [("hot", "cold")], "up", "down").text == expected
+    assert TOY_FORMATS["authors"] is FORMATS["authors"]
 
 
 @pytest.mark.parametrize("tok_name", ["word_tokenizer", "bpe_tokenizer"])
 def test_positions_under_left_padding(tok_name, request):
     tok = request.getfixturevalue(tok_name)
-    prompts = [render(FORMATS["authors"], [("hot", "cold")], "up", "down"),
+    # Words the small BPE tokenizer was trained on: an unseen word (" down") would start
+    # with a lone-space token, which tokenize_prompts refuses to score.
+    prompts = [render(FORMATS["authors"], [("hot", "cold")], "big", "small"),
                render(FORMATS["authors"], [("beautiful", "ugly"),
-                                           ("big", "small")], "new york", "old york")]
+                                           ("big", "small")], "hot cold", "cold ugly")]
     batch = tokenize_prompts(tok, prompts, n_first=2)
     short, long = batch.attention_mask.sum(-1).tolist()
     assert short < long and batch.attention_mask[0, 0] == 0     # row 0 is left-padded
@@ -79,7 +97,7 @@ def test_few_shot_prompts_never_show_query_as_demo():
 
 
 def test_clear_errors():
-    with pytest.raises(TaskDataError, match="empty prompt list"):
+    with pytest.raises(TaskDataError, match="needs a non-empty list of prompts"):
         tokenize_prompts(None, [])
     with pytest.raises(TaskDataError, match="fewer than n_shots"):
         few_shot_prompts(TASK, n_prompts=2, n_shots=10, seed=0)
@@ -95,4 +113,4 @@ def test_merged_separator_and_answer_is_an_error():
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>")
     with pytest.raises(TaskDataError, match="does not start after the separator"):
-        tokenize_prompts(tok, [render(FORMATS["hendel"], [], "x", "y")])
+        tokenize_prompts(tok, [render(TOY_FORMATS["hendel"], [], "x", "y")])

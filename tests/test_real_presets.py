@@ -18,7 +18,7 @@ from tvlib.experiments import (PromptConfig, build_task_prompts, run_cleanup_swe
 from tvlib.features import corpus_texts, read_features, tokenize_corpus
 from tvlib.models import (PRESETS, blocks, d_model, get_preset, load_model, load_sae,
                           model_dtype, n_layers)
-from tvlib.sae_views import check_sae_site, sae_site
+from tvlib.models import check_sae_site, sae_site
 from tvlib.standins import ARCHITECTURES, make_standin
 from tvlib.taskvec import Steering, score, task_vectors
 from tvlib.tasks import load_task
@@ -75,7 +75,7 @@ def test_standin_saes_load_at_their_site(name, standins):
 
 def test_an_sae_whose_hook_contradicts_the_preset_is_refused(standins):
     wrong = dataclasses.replace(standins["gpt2"], sae_id="blocks.1.hook_resid_pre")
-    with pytest.raises(ValueError, match="reads blocks.1.hook_resid_pre, not blocks.2"):
+    with pytest.raises(ValueError, match="records resid_pre 1 .*lists it for resid_pre 2"):
         load_sae(wrong, 2, device="cpu")
 
 
@@ -248,3 +248,18 @@ def test_cuda_model_in_bfloat16_with_the_sae_on(sae_device, standins):
     reading = read_features(lm, sae, layer, tokenize_corpus(lm.tokenizer, corpus_texts(
         folder(preset))[:8]), [0, 1])
     assert reading.density.device.type == "cpu"
+
+
+def test_scripts_encoding_preset_loads_the_scripts_encoding(standins):
+    """The authors' scripts' encoding is its own preset, and its own cache identity."""
+    from tvlib.models import sae_identity
+    scripts, training = standins["gemma-2b-it-authors-scripts"], standins["gemma-2b-it-authors"]
+    layer = scripts.task_layer
+    sae = load_sae(folder(scripts), layer, device="cpu")
+    assert sae.cfg.metadata.authors_encoding == "scripts"
+    assert load_sae(folder(training), layer, device="cpu").cfg.metadata.authors_encoding \
+        == "training"
+    assert sae_identity(scripts, layer)["encoding"] == "scripts"
+    assert sae_identity(training, layer)["encoding"] == "training"
+    with pytest.raises(ValueError, match="sae_encoding 'scripts'.*authors' format only"):
+        dataclasses.replace(standins["gpt2"], sae_encoding="scripts")

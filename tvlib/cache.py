@@ -1,31 +1,125 @@
-"""Tidy result tables cached by the configuration that produced them.
+"""Tidy result tables cached under one key that covers everything they depend on.
 
-A table is stored as ``{cache_dir}/{name}/{key}.{part}.csv`` beside
-``{key}.json`` (the configuration, written last), where ``key`` hashes the
-configuration. A re-run with the
-same configuration reads the table instead of recomputing it. Writes go to a
-temporary file first and are renamed into place, so an interrupted run never
-leaves a half-written table.
+The key (``result_key``) is built in one place for every cached experiment. It
+holds the experiment's name and configuration, a digest of every file of the
+model (weights, config, tokenizer), a digest of every file of each SAE used and
+how it was loaded, the model's dtype and device kind, the versions of the
+libraries that compute, and ``RESULT_FORMAT``. Any change to one of them is a
+different entry: a cache never serves numbers computed from other weights, SAEs
+or settings.
+
+An entry is ``{cache_dir}/{experiment}/{hash}.{part}.csv`` beside
+``{hash}.json``, the record, written last: it holds the full key and the
+SHA-256 of each table file. Reading checks both; a damaged or incomplete entry
+is reported with a warning and recomputed. Writes go to a temporary file that
+is renamed into place; if the cache cannot be written, the result is still
+returned, with a warning.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, is_dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import pandas as pd
 
 from .paths import CACHE_DIR
 
+# Bump when a change to tvlib changes the numbers an experiment produces for the
+# same model, SAEs and configuration: older entries are then never read.
+RESULT_FORMAT = 2
+LIBRARIES = ("torch", "transformers", "nnsight", "sae-lens")
 
-def config_key(config: dict) -> str:
-    text = json.dumps(config, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
+class CacheWarning(UserWarning):
+    """A cache entry was damaged (and is recomputed) or could not be written."""
+
+
+def digest(obj) -> str:
+    """A short, order-independent hash of JSON-able data (dataclasses included)."""
+    return hashlib.sha256(_canonical(obj).encode()).hexdigest()[:16]
+
+
+def _canonical(obj) -> str:
+    def plain(value):
+        if is_dataclass(value) and not isinstance(value, type):
+            return asdict(value)
+        if isinstance(value, (set, frozenset)):
+            return sorted(value)
+        if isinstance(value, Path):
+            return str(value)
+        raise TypeError(f"cannot put {type(value).__name__} {value!r} into a cache key")
+    return json.dumps(obj, sort_keys=True, default=plain)
+
+
+# ---------------------------------------------------------------- file digests
+
+_FILE_DIGESTS: dict[tuple, str] = {}
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, remembered while its size and mtime stay the same.
+
+    A file in the Hugging Face hub cache is a link to a blob named by its
+    content hash; that name is used without reading the file.
+    """
+    path = Path(path)
+    target = path.resolve()
+    if path.is_symlink() and target.parent.name == "blobs":
+        return f"blob:{target.name}"
+    stat = target.stat()
+    memo = (str(target), stat.st_size, stat.st_mtime_ns)
+    if memo not in _FILE_DIGESTS:
+        sha = hashlib.sha256()
+        with open(target, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                sha.update(block)
+        _FILE_DIGESTS[memo] = sha.hexdigest()
+    return _FILE_DIGESTS[memo]
+
+
+def folder_digest(folder: Path) -> str:
+    """A digest of every file under ``folder`` (hidden files and folders left out)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"cannot fingerprint {folder}: not a folder")
+    entries = {}
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if path.is_file() and not any(part.startswith(".") for part in relative.parts):
+            entries[str(relative)] = file_digest(path)
+    if not entries:
+        raise FileNotFoundError(f"cannot fingerprint {folder}: it holds no files")
+    return digest(entries)
+
+
+# ---------------------------------------------------------------- the key
+
+def result_key(experiment: str, lm, sae_layers: Iterable[int] = (), **config) -> dict:
+    """Everything a cached result of ``experiment`` depends on.
+
+    lm: the model (its preset names the model's and the SAEs' sources);
+    sae_layers: resid_pre layers whose SAE the experiment uses;
+    config: the experiment's settings (dataclasses, lists, numbers, strings).
+    """
+    from .models import model_identity, sae_identity
+    return {"format": RESULT_FORMAT, "experiment": experiment,
+            "model": model_identity(lm),
+            "saes": {str(layer): sae_identity(lm.preset, layer)
+                     for layer in sorted(set(sae_layers))},
+            "libraries": {name: version(name) for name in LIBRARIES},
+            "config": json.loads(_canonical(config))}
+
+
+# ---------------------------------------------------------------- storage
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp_path)``, then rename the temporary file onto ``path``."""
@@ -48,27 +142,76 @@ def _umask() -> int:
     return mask
 
 
-def cached_tables(name: str, config: dict, compute: Callable[[], dict[str, pd.DataFrame]],
-                  cache_dir: Path | None = None, refresh: bool = False) -> dict[str, pd.DataFrame]:
-    """Several tables from one computation, stored as ``{key}.{part}.csv``."""
-    folder = Path(cache_dir or CACHE_DIR) / name
-    key = config_key(config)
-    done = folder / f"{key}.json"
-    if done.is_file() and not refresh:
-        parts = json.loads(done.read_text())["parts"]
-        return {part: pd.read_csv(folder / f"{key}.{part}.csv") for part in parts}
-    tables = compute()
-    for part, table in tables.items():
-        write_atomic(folder / f"{key}.{part}.csv", lambda p, t=table: t.to_csv(p, index=False))
-    # the configuration file is written last: it marks the entry complete
-    record = {"config": config, "parts": list(tables)}
-    write_atomic(done, lambda p: p.write_text(json.dumps(record, indent=2, sort_keys=True,
-                                                         default=str)))
+def _entry(key: dict, cache_dir: Path | None) -> tuple[Path, str]:
+    folder = Path(cache_dir or CACHE_DIR) / key["experiment"]
+    return folder, hashlib.sha256(_canonical(key).encode()).hexdigest()[:20]
+
+
+def _read_entry(folder: Path, name: str, key: dict) -> dict[str, pd.DataFrame] | None:
+    """The stored tables, None if absent; raises ValueError naming what is damaged."""
+    record_path = folder / f"{name}.json"
+    if not record_path.is_file():
+        return None
+    try:
+        record = json.loads(record_path.read_text())
+        parts = record["parts"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{record_path} is not a complete record ({err})") from None
+    if _canonical(record.get("key")) != _canonical(key):
+        raise ValueError(f"{record_path} holds another key")
+    tables = {}
+    for part, expected in parts.items():
+        path = folder / f"{name}.{part}.csv"
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise ValueError(f"{path} cannot be read ({err})") from None
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise ValueError(f"{path} does not match its record (truncated or edited)")
+        tables[part] = pd.read_csv(io.BytesIO(data))
     return tables
 
 
-def cached_table(name: str, config: dict, compute: Callable[[], pd.DataFrame],
-                 cache_dir: Path | None = None, refresh: bool = False) -> pd.DataFrame:
-    """Return the table for ``config``, computing and storing it only when missing."""
-    return cached_tables(name, config, lambda: {"table": compute()}, cache_dir,
-                         refresh)["table"]
+def _write_entry(folder: Path, name: str, key: dict, tables: dict[str, pd.DataFrame]) -> None:
+    hashes = {}
+    for part, table in tables.items():
+        data = table.to_csv(index=False).encode()
+        hashes[part] = hashlib.sha256(data).hexdigest()
+        write_atomic(folder / f"{name}.{part}.csv", lambda p, d=data: p.write_bytes(d))
+    # the record is written last: it marks the entry complete
+    record = json.dumps({"key": key, "parts": hashes}, indent=2, sort_keys=True)
+    write_atomic(folder / f"{name}.json", lambda p: p.write_text(record))
+
+
+def cached_tables(key: dict, compute: Callable[[], dict[str, pd.DataFrame]],
+                  cache_dir: Path | None = None,
+                  refresh: bool = False) -> dict[str, pd.DataFrame]:
+    """The tables stored under ``key`` (from ``result_key``), computed when missing.
+
+    A damaged entry is recomputed with a warning; an unwritable cache gives a
+    warning and the computed tables.
+    """
+    folder, name = _entry(key, cache_dir)
+    if not refresh:
+        try:
+            stored = _read_entry(folder, name, key)
+        except ValueError as err:
+            warnings.warn(f"damaged cache entry: {err}; recomputing it", CacheWarning,
+                          stacklevel=2)
+            stored = None
+        if stored is not None:
+            return stored
+    tables = compute()
+    try:
+        _write_entry(folder, name, key, tables)
+    except OSError as err:
+        warnings.warn(f"could not write the result to the cache {folder} ({err}); the "
+                      "result is returned but not cached. Set TVLIB_CACHE_DIR to a writable "
+                      "folder to keep results.", CacheWarning, stacklevel=2)
+    return tables
+
+
+def cached_table(key: dict, compute: Callable[[], pd.DataFrame], cache_dir: Path | None = None,
+                 refresh: bool = False) -> pd.DataFrame:
+    """One table stored under ``key``, computed only when missing."""
+    return cached_tables(key, lambda: {"table": compute()}, cache_dir, refresh)["table"]

@@ -2,21 +2,62 @@
 
 Parameters theta (one per SAE feature) start at the SAE encoder's
 pre-activations of the task vector, so that the initial weights equal the SAE
-encoding exactly. Each step the weights w = act(theta) (ReLU; the threshold for
-JumpReLU SAEs) give a steering vector v = decode(w) = w W_dec + b_dec, added at
-layer L at the steer token of a fixed set of training prompts; the loss is
-the answer NLL (first 2 tokens) plus lambda * L1(w). Adam, early stopping when
-L0 has not reached a new minimum for ``patience`` steps.
+encoding exactly. Each step the weights w = act(theta) give a steering vector
+v = decode(w) = w W_dec + b_dec, added at layer L at the steer token of a fixed
+set of training prompts; the loss is the answer NLL (first 2 tokens) plus
+lambda * L1(w). Adam, early stopping when L0 has not reached a new minimum for
+``patience`` steps.
 
-A feature inactive at initialisation has theta <= 0 (or below its JumpReLU
-threshold), hence w = 0 and no gradient: it stays zero. Cleanup therefore only
-prunes and reweights the features the SAE encoding activates; a pruned feature
-never returns.
+The activation (``CleanupConfig.activation``):
 
-The L1 term is scaled so one lambda means the same on any model: it penalises
-``sum_i w_i ||W_dec[i]||`` (each feature's contribution to the vector's norm)
-times ``sqrt(d) / ||TV||``, as if the task vector had norm sqrt(d), the input
-norm of the writeup authors' SAEs.
+- ``"sae"`` (default): the SAE's own activation, as method.md asks. ReLU for
+  standard SAEs; ReLU above the threshold for JumpReLU SAEs; the gate for gated
+  SAEs; TopK for TopK SAEs. A sae-lens ``GatedSAE`` computes
+  ``[x W_enc + b_gate > 0] * relu(m)`` with the magnitude pre-activation
+  ``m = x (W_enc * exp(r_mag)) + b_mag`` (x after the SAE's own input
+  processing, b_dec and normalisation, which both paths share). Per feature,
+  ``x W_enc = (m - b_mag) exp(-r_mag)``, so the gate is ``m > b_mag - b_gate
+  exp(r_mag)`` and the SAE is exactly a JumpReLU on m (theta here) with
+  threshold ``max(0, b_mag - b_gate exp(r_mag))``. TopK (the k largest, ReLU'd)
+  is exact too; with the encoder start it never differs from ReLU, since the
+  active set starts with at most k features and only shrinks. Other
+  architectures (TopK with ``rescale_acts_by_decoder_norm``, AbsTopK,
+  transcoders, ...) are refused with a pointer to "relu".
+- ``"relu"``: plain ReLU on theta, for any SAE (before, this was what cleanup
+  did for gated SAEs: a weight could then sink below the gate and stay on).
+
+A feature inactive at initialisation has theta <= 0 (or below its threshold),
+hence w = 0 and no gradient: it stays zero. Cleanup therefore only prunes and
+reweights the features the SAE encoding activates; a pruned feature never
+returns. (The same holds for the authors' code: their cleanup starts from the
+pre-activations and applies the same gate.)
+
+The L1 term (``CleanupConfig.l1``):
+
+- ``"norm_scaled"`` (default): ``sum_i w_i ||W_dec[i]|| * sqrt(d) / ||TV||``:
+  each feature's contribution to the vector's norm, as if the task vector had
+  norm sqrt(d). Why: so that one lambda means the same on any model and SAE,
+  whatever the SAE's decoder norms and the residual stream's scale.
+- ``"authors"``: ``sum_i w_i``, weights in the SAE's own units, the penalty of
+  the authors' code (``l1_coeff * jnp.linalg.norm(weights, ord=1)`` in
+  ``FeatureSearch.get_loss``). For their converted SAE (``tvlib.authors_sae``)
+  the weights are exactly their f, so this is their penalty and lambda is in
+  their units (0.05 for task vectors, 5e-4 for detectors in their scripts).
+
+How the two relate: their SAEs read inputs scaled to norm about sqrt(d)
+(x' = x sqrt(d) / mean_norm) and decode ``(f W_dec + b_dec) / n_out`` with
+``n_out = sqrt(d) / tgt_mean_norm``, so the converted decoder rows are
+``W_dec[i] / n_out`` and the norm-scaled penalty is
+``sum_i f_i ||W_dec[i]|| * tgt_mean_norm / ||TV||`` (their raw W_dec). It
+equals their ``sum_i f_i`` exactly when ``||W_dec[i]|| = ||TV|| / tgt_mean_norm``
+for every active feature, e.g. when (a) those raw decoder rows have norm 1 and
+(b) ||TV|| = tgt_mean_norm (the task vector has the mean norm of the residuals
+their SAE was trained on). Their training script
+(neverix/saex, scripts/train_gemma_sae.py) does not constrain decoder norms
+(``restrict_dec_norm=None``, ``anthropic_norm=True``: the training penalty is
+``f_i ||W_dec[i]||``, the norm-weighted form the default uses), and a mean of
+residuals is usually shorter than a residual, so the two are equal only
+approximately; "authors" reproduces their numbers, "norm_scaled" transfers.
 
 Speed: the blocks before L see the same input every step, so their output is
 computed once and each step's trace skips them; prompts are tokenised once.
@@ -26,16 +67,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 
 import torch
 from tqdm.auto import tqdm
 
-from .models import (blocks, check_layer, model_device, model_dtype, require_local, to_model,
-                     trace)
+from .models import (blocks, check_layer, check_sae_site, model_device, model_dtype,
+                     require_local, to_model, trace)
 from .prompts import PromptBatch
-from .pursuit import gradient_pursuit
+from .pursuit import SELECTIONS, gradient_pursuit
 from .taskvec import (Steering, answer_nll, apply_steering, collect_residuals,
                       logits_at_targets, score)
+
+INITS = ("encoder", "pursuit")
+ACTIVATIONS = ("sae", "relu")
+L1_FORMS = ("norm_scaled", "authors")
+
+
+def _refuse(field_name: str, value, rule: str, fix: str):
+    raise ValueError(f"CleanupConfig.{field_name}={value!r}: {rule}; {fix}")
 
 
 @dataclass(frozen=True)
@@ -46,7 +96,32 @@ class CleanupConfig:
     patience: int = 200          # stop when L0 has no new minimum for this many steps
     init: str = "encoder"        # "encoder" pre-activations, or "pursuit" weights
     pursuit_l0: int = 7          # target L0 of the "pursuit" initialisation
+    pursuit_selection: str = "inactive"   # pursuit's pick rule (tvlib.pursuit): or "all"
+    activation: str = "sae"      # the SAE's own activation (gate, threshold), or "relu"
+    l1: str = "norm_scaled"      # "norm_scaled" (model-independent lambda), or "authors"
     progress: bool = True
+
+    def __post_init__(self):
+        def is_int(value):
+            return isinstance(value, Integral) and not isinstance(value, bool)
+
+        if not (isinstance(self.lam, Real) and math.isfinite(self.lam) and self.lam >= 0):
+            _refuse("lam", self.lam, "the L1 coefficient must be a finite number >= 0",
+                    "pass e.g. lam=0.02 (0 turns the penalty off)")
+        if not (isinstance(self.lr, Real) and math.isfinite(self.lr) and self.lr > 0):
+            _refuse("lr", self.lr, "Adam's learning rate must be a finite number > 0",
+                    "pass e.g. lr=0.01")
+        for name in ("max_steps", "patience", "pursuit_l0"):
+            value = getattr(self, name)
+            if not (is_int(value) and value >= 1):
+                _refuse(name, value, "must be an int >= 1", f"pass e.g. {name}="
+                        f"{CleanupConfig.__dataclass_fields__[name].default}")
+        for name, allowed in (("init", INITS), ("pursuit_selection", SELECTIONS),
+                              ("activation", ACTIVATIONS), ("l1", L1_FORMS)):
+            value = getattr(self, name)
+            if value not in allowed:
+                _refuse(name, value, "unknown value",
+                        "pass one of " + ", ".join(f"{name}={a!r}" for a in allowed))
 
 
 @dataclass
@@ -70,48 +145,118 @@ class CleanupDiverged(FloatingPointError):
     """The cleanup loss became NaN or infinite."""
 
 
-def _activation(sae):
-    """The SAE's own activation on theta: ReLU, or ReLU above the JumpReLU threshold."""
-    threshold = getattr(sae, "threshold", None)
-    if threshold is None:
+def _architecture(sae) -> str:
+    return sae.cfg.architecture()
+
+
+def sae_threshold(sae) -> torch.Tensor | None:
+    """(F,) the JumpReLU threshold on the pre-activation, or the gate as one; None if none.
+
+    For a gated SAE the pre-activation is the magnitude path's m (what
+    ``hook_sae_acts_pre`` records) and the gate ``x W_enc + b_gate > 0`` is
+    ``m > b_mag - b_gate exp(r_mag)``; relu(m) makes thresholds below 0 act as 0.
+    """
+    architecture = _architecture(sae)
+    if architecture == "gated":
+        scale = sae.r_mag.detach().float().exp()                        # (F,)
+        return (sae.b_mag.detach().float() - sae.b_gate.detach().float() * scale).clamp(min=0)
+    if getattr(sae, "threshold", None) is not None:
+        return sae.threshold.detach().float()
+    return None
+
+
+def _activation(sae, activation: str = "sae"):
+    """w = act(theta) (F,) -> (F,): the SAE's own activation, or plain ReLU."""
+    if activation == "relu":
         return torch.relu
-    threshold = threshold.detach().float()
-    return lambda theta: torch.relu(theta) * (theta > threshold)
+    if activation != "sae":
+        raise ValueError(f"activation={activation!r} is unknown: pass activation='sae' or 'relu'")
+    architecture = _architecture(sae)
+    threshold = sae_threshold(sae)
+    if threshold is not None:
+        threshold = threshold.to(sae.W_dec.device)
+        return lambda theta: torch.relu(theta) * (theta > threshold)
+    if architecture == "standard":
+        return torch.relu
+    if architecture == "topk" and not getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
+        k = sae.cfg.k
+
+        def topk(theta):                        # ReLU of the k largest, zero elsewhere
+            values, index = theta.topk(min(k, theta.shape[-1]), dim=-1)
+            return torch.zeros_like(theta).scatter(-1, index, values.relu())
+        return topk
+    raise ValueError(
+        f"CleanupConfig.activation='sae' needs the SAE's activation as a function of its "
+        f"pre-activations; tvlib knows it for standard, gated, jumprelu and topk SAEs "
+        f"(without rescale_acts_by_decoder_norm), not this {architecture!r} SAE: pass "
+        "CleanupConfig(activation='relu') to use ReLU on the pre-activations")
 
 
-def initial_theta(sae, tv: torch.Tensor, init: str = "encoder", pursuit_l0: int = 7):
-    """theta0 (F,) such that ``_activation(sae)(theta0)`` is the SAE encoding of ``tv``.
+def initial_theta(sae, tv: torch.Tensor, init: str = "encoder", pursuit_l0: int = 7,
+                  pursuit_selection: str = "inactive", activation: str = "sae"):
+    """theta0 (F,) such that ``_activation(sae, activation)(theta0)`` is the SAE encoding of ``tv``.
 
     "encoder": pre-activations on active features, and at most 0 on the others.
-    "pursuit": gradient-pursuit weights of ``tv`` with ``pursuit_l0`` features (the
-    authors' choice for detector vectors); inactive features at -1.
+    "pursuit": gradient-pursuit weights of ``tv`` with ``pursuit_l0`` features and
+    the ``pursuit_selection`` rule (the authors' start for detector vectors);
+    inactive features at -1. With activation "sae", pursuit weights at or below
+    a feature's threshold start at w = 0, as in the authors' code (their cleanup
+    passes the pursuit weights through the same gate). Their detector script
+    runs pursuit with their files' raw W_dec, whose weights are n_out times
+    smaller than with the converted decoder, and decodes them with the SAE's
+    decoder: their start is about (tv + b_dec) / n_out, tvlib's about
+    tv + b_dec / n_out (the same when n_out = 1).
     """
-    x = tv.detach().to(sae.W_dec).unsqueeze(0)
-    if init == "pursuit":
-        w = gradient_pursuit(x, sae.W_dec.detach(), pursuit_l0).weights[0].to(x.device)
-        return torch.where(w > 0, w, torch.full_like(w, -1.0))
-    if init != "encoder":
+    if init not in INITS:
         raise ValueError(f"init must be 'encoder' or 'pursuit', not {init!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r} is unknown: pass activation='sae' or 'relu'")
+    x = tv.detach().to(sae.W_dec).unsqueeze(0)                         # (1, d)
+    if init == "pursuit":
+        w = gradient_pursuit(x, sae.W_dec.detach(), pursuit_l0,
+                             selection=pursuit_selection).weights[0].to(x.device)
+        return torch.where(w > 0, w, torch.full_like(w, -1.0))
     with torch.no_grad():
         _, cache = sae.run_with_cache(x)
-        pre = cache["hook_sae_acts_pre"][0].float()
-        active = sae.encode(x)[0] > 0
-    return torch.where(active, pre, pre.clamp(max=0))
+        pre = cache["hook_sae_acts_pre"][0].float()                     # (F,)
+        active = sae.encode(x)[0] > 0                                   # (F,)
+    theta = torch.where(active, pre, pre.clamp(max=0))
+    threshold = sae_threshold(sae) if activation == "sae" else None
+    if threshold is not None:
+        # A gated SAE decides with its gate, the threshold compares m: at a float
+        # tie an active feature could land on the threshold. Keep it just above.
+        threshold = threshold.to(theta.device)
+        theta = torch.where(active, torch.maximum(theta, torch.nextafter(
+            threshold, torch.full_like(threshold, math.inf))), theta)
+    return theta
 
 
 def cleanup(lm, sae, layer: int, tv: torch.Tensor, train: PromptBatch,
             heldout: PromptBatch | None = None, cfg: CleanupConfig = CleanupConfig(),
             seed: int = 0) -> CleanupResult:
-    """Optimise the SAE feature weights of ``tv`` against the task loss plus L1."""
+    """Optimise the SAE feature weights of ``tv`` (d,) against the task loss plus L1."""
     check_layer(lm, layer)
     require_local(lm, "cleanup")
+    check_sae_site(sae, lm, layer)
+    d = sae.cfg.d_in
+    if not isinstance(tv, torch.Tensor) or tv.shape != (d,):
+        raise ValueError(f"tv must be one vector of the SAE's width, shape ({d},), not "
+                         f"{type(tv).__name__} of shape {tuple(getattr(tv, 'shape', ()))}: "
+                         "pass one task vector (a row of task_vectors(...))")
+    if not torch.isfinite(tv).all():
+        raise ValueError(f"tv holds {int((~torch.isfinite(tv)).sum())} NaN or infinite values: "
+                         "pass a finite task vector (NaN comes from prompts with no separator)")
     torch.manual_seed(seed)
-    act = _activation(sae)
-    theta0 = initial_theta(sae, tv, cfg.init, cfg.pursuit_l0)
+    act = _activation(sae, cfg.activation)
+    theta0 = initial_theta(sae, tv, cfg.init, cfg.pursuit_l0, cfg.pursuit_selection,
+                           cfg.activation)
     theta = theta0.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([theta], lr=cfg.lr)
-    dec_norms = sae.W_dec.detach().float().norm(dim=-1)                  # (F,)
-    l1_scale = math.sqrt(tv.shape[-1]) / tv.float().norm().clamp(min=1e-8).item()
+    if cfg.l1 == "norm_scaled":    # each feature's share of the norm, as if ||tv|| = sqrt(d)
+        l1_weights = sae.W_dec.detach().float().norm(dim=-1)             # (F,)
+        l1_scale = math.sqrt(d) / tv.float().norm().clamp(min=1e-8).item()
+    else:                          # "authors": the weights in the SAE's own units
+        l1_weights, l1_scale = torch.ones_like(theta0), 1.0              # (F,)
     decode = lambda w: sae.decode(w.to(sae.W_dec.dtype)).float()        # noqa: E731
 
     # The blocks before `layer` see the same tokens every step: run them once.
@@ -130,7 +275,7 @@ def cleanup(lm, sae, layer: int, tv: torch.Tensor, train: PromptBatch,
     for step in bar:
         w = act(theta)                                                   # (F,)
         v = decode(w)                                                    # (d,)
-        l1 = (w * dec_norms).sum() * l1_scale
+        l1 = (w * l1_weights).sum() * l1_scale
         saved = {}
         with trace(lm, inputs):
             if layer > 0:

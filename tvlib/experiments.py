@@ -12,12 +12,13 @@ from dataclasses import asdict, dataclass, replace
 
 import pandas as pd
 
-from .cache import cached_table, cached_tables, config_key
+from .cache import cached_table, cached_tables, digest, result_key
 from .cleanup import CleanupConfig, cleanup
-from .models import load_sae, model_fingerprint, n_layers
+from .models import check_layers, check_sae_site, load_sae, n_layers
 from .prompts import (PromptBatch, detector_prompts, few_shot_prompts, tokenize_prompts,
                       zero_shot_prompts)
-from .sae_views import check_sae_site, decode, encode, ito, recon_of_tv, tv_on_recon
+from .prompts import get_format
+from .sae_views import decode, encode, ito, recon_of_tv, tv_on_recon
 from .steering import steering_grid
 from .taskvec import Steering, collect_residuals, detector_vectors, score, task_vectors
 from .tasks import Task, TaskDataError, load_tasks
@@ -34,6 +35,22 @@ class PromptConfig:
     fmt: str = "authors"
     n_first: int = 2           # answer tokens scored
     seed: int = 0
+
+    def __post_init__(self):
+        for name in ("n_prompts", "n_shots", "n_eval", "n_train", "n_first"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"PromptConfig.{name} must be a positive int, not {value!r}"
+                                 + (" (a task vector needs demonstrations; zero-shot prompts "
+                                    "are built separately)" if name == "n_shots" else ""))
+        if not isinstance(self.fmt, str):
+            raise ValueError(f"PromptConfig.fmt must be a format name, not {self.fmt!r}")
+        try:
+            get_format(self.fmt)
+        except ValueError as err:       # names the known formats
+            raise ValueError(f"PromptConfig.fmt: {err}") from None
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"PromptConfig.seed must be an int, not {self.seed!r}")
 
 
 @dataclass
@@ -52,25 +69,71 @@ def model_tasks(lm, names) -> dict[str, Task]:
             for name, task in load_tasks(names).items()}
 
 
+def sae_layers(lm, layers) -> list[int]:
+    """``layers`` checked to have an SAE; None: every resid_pre layer with one."""
+    available = list(lm.preset.resid_pre_layers_with_sae())
+    if layers is None:
+        return available
+    layers = check_layers(lm, layers)
+    missing = [layer for layer in layers if layer not in available]
+    if missing:
+        raise ValueError(f"preset {lm.preset.name!r} has no SAE at resid_pre layers {missing}; "
+                         f"SAEs exist at {available}")
+    return layers
+
+
+def start_method(label: str, cfg: CleanupConfig) -> str:
+    """The name of the vector a cleanup starts from: the SAE encoding or the pursuit code."""
+    if cfg.init == "encoder":
+        return f"Recon of {label}"
+    return f"pursuit start (L0={cfg.pursuit_l0}) of {label}"
+
+
+def _results_config(cfg: CleanupConfig) -> dict:
+    """The cleanup settings that change results (the progress bar does not)."""
+    return {k: v for k, v in asdict(cfg).items() if k != "progress"}
+
+
+def _positive_ints(name: str, values) -> list[int]:
+    values = list(values) if hasattr(values, "__iter__") and not isinstance(values, str) \
+        else None
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1
+                         for v in values):
+        raise ValueError(f"{name} must be a non-empty list of positive ints, e.g. [5, 10, 20]")
+    return values
+
+
 def split_eval(task: Task, cfg: PromptConfig) -> tuple[list, list]:
     """(pool, eval_pairs): evaluation pairs never serve as demonstrations or queries."""
     pairs = list(task.pairs)
     random.Random(f"eval-split-{task.name}-{cfg.seed}").shuffle(pairs)
-    n_eval = min(cfg.n_eval, len(pairs) // 2)
-    if len(pairs) - n_eval < cfg.n_shots + 1:
-        raise TaskDataError(f"task {task.name!r} has {len(pairs)} pairs: too few for "
-                            f"n_shots={cfg.n_shots} plus evaluation pairs; lower n_shots")
-    return pairs[n_eval:], pairs[:n_eval]
+    pool = len(pairs) - cfg.n_eval
+    if pool < max(cfg.n_shots + 1, cfg.n_train):
+        raise TaskDataError(
+            f"task {task.name!r} has {len(pairs)} pairs: n_eval={cfg.n_eval} evaluation pairs "
+            f"leave {pool}, fewer than the {max(cfg.n_shots + 1, cfg.n_train)} needed for "
+            f"n_shots={cfg.n_shots} demonstrations plus a query and n_train={cfg.n_train} "
+            "training prompts; lower n_eval, n_shots or n_train")
+    return pairs[cfg.n_eval:], pairs[:cfg.n_eval]
 
 
 def build_task_prompts(tokenizer, task: Task, cfg: PromptConfig) -> TaskPrompts:
     pool, eval_pairs = split_eval(task, cfg)
+    # An input with several outputs (peers' files) stays on the evaluation side only.
+    held_out = {x for x, _ in eval_pairs}
+    pool = [pair for pair in pool if pair[0] not in held_out]
+    if len(pool) < max(cfg.n_shots + 1, cfg.n_train):
+        raise TaskDataError(
+            f"task {task.name!r}: {len(pool)} pairs are left for demonstrations once inputs "
+            f"shared with evaluation pairs are set aside, fewer than n_shots + 1 = "
+            f"{cfg.n_shots + 1} or n_train = {cfg.n_train}; "
+            "lower n_eval, n_shots or n_train, or load the task with duplicates='first'")
     few = few_shot_prompts(task, cfg.n_prompts, cfg.n_shots, cfg.seed, cfg.fmt,
                            queries=pool, demo_pool=pool)
-    zero = zero_shot_prompts(eval_pairs, cfg.fmt)
-    train = zero_shot_prompts(pool[:cfg.n_train], cfg.fmt)
-    detector_eval = detector_prompts(eval_pairs, cfg.fmt)
-    detector_train = detector_prompts(pool[:cfg.n_train], cfg.fmt)
+    zero = zero_shot_prompts(eval_pairs, cfg.fmt, task=task)
+    train = zero_shot_prompts(pool[:cfg.n_train], cfg.fmt, task=task)
+    detector_eval = detector_prompts(eval_pairs, cfg.fmt, task=task)
+    detector_train = detector_prompts(pool[:cfg.n_train], cfg.fmt, task=task)
     return TaskPrompts(task, *(tokenize_prompts(tokenizer, p, cfg.n_first)
                                for p in (few, zero, train, detector_eval, detector_train)))
 
@@ -97,7 +160,7 @@ def run_task_vector_sweep(lm, tasks, layers=None, prompt_cfg: PromptConfig | Non
                           positions: str = "all", mode: str = "add", batch_size: int = 32,
                           refresh: bool = False) -> pd.DataFrame:
     """``task_vector_sweep`` for each task, each cached by its full configuration."""
-    layers = list(range(n_layers(lm))) if layers is None else list(layers)
+    layers = list(range(n_layers(lm))) if layers is None else check_layers(lm, layers)
     settings = {"layers": layers, "positions": positions, "mode": mode}
     return run_per_task("task_vector_sweep", lm, tasks, prompt_cfg or PromptConfig(), settings,
                         lambda p: task_vector_sweep(lm, p, layers, positions, mode, batch_size),
@@ -108,11 +171,11 @@ def run_sae_view_sweep(lm, tasks, layers=None, prompt_cfg: PromptConfig | None =
                        target_l0: int = 40, subtract_b_dec: bool = False, batch_size: int = 32,
                        refresh: bool = False) -> pd.DataFrame:
     """``sae_view_sweep`` for each task at every layer with an SAE (default)."""
-    layers = list(lm.preset.resid_pre_layers_with_sae()) if layers is None else list(layers)
+    layers = sae_layers(lm, layers)
     settings = {"layers": layers, "target_l0": target_l0, "subtract_b_dec": subtract_b_dec}
     return run_per_task("sae_view_sweep", lm, tasks, prompt_cfg or PromptConfig(), settings,
                         lambda p: sae_view_sweep(lm, p, layers, target_l0, subtract_b_dec,
-                                                 batch_size), refresh)
+                                                 batch_size), refresh, sae_layers=layers)
 
 
 def separator_residuals(lm, few_shot: PromptBatch, layers, batch_size: int = 32):
@@ -132,9 +195,9 @@ def sae_view_sweep(lm, prompts: TaskPrompts, layers, target_l0: int = 40,
         sae = load_sae(lm.preset, layer)
         check_sae_site(sae, lm, layer)
         tv = layer_resid.flatten(0, 1).nanmean(0)                            # (d,)
-        views = {"TV": tv, "Recon of TV": recon_of_tv(sae, tv),
-                 "TV on recon": tv_on_recon(sae, layer_resid),
-                 f"ITO (L0={target_l0})": ito(sae, tv, target_l0, subtract_b_dec)[0]}
+        views = {"TV": tv, "Recon of TV": recon_of_tv(sae, tv, layer),
+                 "TV on recon": tv_on_recon(sae, layer_resid, layer),
+                 f"ITO (L0={target_l0})": ito(sae, tv, layer, target_l0, subtract_b_dec)[0]}
         for method, vector in views.items():
             steered = score(lm, prompts.zero_shot, Steering(layer, vector), batch_size)
             rows.append(_row(name, method, layer, steered))
@@ -147,13 +210,14 @@ def ito_sweep(lm, prompts: TaskPrompts, sae, layer: int, target_l0s, subtract_b_
 
     Rows: TV, Recon of TV (its L0 is the SAE encoding's) and ITO per target L0.
     """
+    check_sae_site(sae, lm, layer)
     name = prompts.task.name
     tv = task_vectors(lm, prompts.few_shot, [layer], batch_size=batch_size)[0]
     code = encode(sae, tv)
     views = [("TV", None, None, tv), ("Recon of TV", None, int((code > 0).sum()),
                                       decode(sae, code))]
     for k in target_l0s:
-        vector, result = ito(sae, tv, k, subtract_b_dec)
+        vector, result = ito(sae, tv, layer, k, subtract_b_dec)
         views.append(("ITO", k, int((result.weights > 0).sum()), vector))
     rows = []
     for method, k, l0, vector in views:
@@ -166,12 +230,13 @@ def run_ito_sweep(lm, tasks, layer: int, target_l0s, prompt_cfg: PromptConfig | 
                   subtract_b_dec: bool = False, batch_size: int = 32,
                   refresh: bool = False) -> pd.DataFrame:
     """``ito_sweep`` for each task at ``layer``, cached."""
+    check_layers(lm, [layer])
+    target_l0s = _positive_ints("target_l0s", target_l0s)
     sae = load_sae(lm.preset, layer)
-    check_sae_site(sae, lm, layer)
-    settings = {"layer": layer, "target_l0s": list(target_l0s), "subtract_b_dec": subtract_b_dec}
+    settings = {"layer": layer, "target_l0s": target_l0s, "subtract_b_dec": subtract_b_dec}
     return run_per_task("ito_sweep", lm, tasks, prompt_cfg or PromptConfig(), settings,
                         lambda p: ito_sweep(lm, p, sae, layer, target_l0s, subtract_b_dec,
-                                            batch_size), refresh)
+                                            batch_size), refresh, sae_layers=[layer])
 
 
 def first_pursuit_features(lm, tasks, sae, layer: int, n_features: int, density,
@@ -179,11 +244,12 @@ def first_pursuit_features(lm, tasks, sae, layer: int, n_features: int, density,
                            subtract_b_dec: bool = False) -> pd.DataFrame:
     """The features gradient pursuit picks first for each task's TV, with their density."""
     prompt_cfg = prompt_cfg or PromptConfig()
+    check_sae_site(sae, lm, layer)
     rows = []
     for name, task in model_tasks(lm, tasks).items():
         prompts = build_task_prompts(lm.tokenizer, task, prompt_cfg)
         tv = task_vectors(lm, prompts.few_shot, [layer])[0]
-        _, pursuit = ito(sae, tv, n_features, subtract_b_dec)
+        _, pursuit = ito(sae, tv, layer, n_features, subtract_b_dec)
         for rank, feature in enumerate(pursuit.order[0].tolist()):
             rows.append({"task": name, "rank": rank, "feature": feature,
                          "weight": pursuit.weights[0, feature].item(),
@@ -196,9 +262,12 @@ def clean_vectors(lm, name: str, label: str, vectors, layers, train: PromptBatch
                   seed: int = 0) -> tuple[list, list]:
     """Score raw and cleaned versions of per-layer ``vectors``; rows and feature weights.
 
-    Methods: ``label`` (the raw vector), "Recon of {label}" (its SAE encoding
-    decoded) and "cleaned {label}" (scored on ``evaluate``, trained on ``train``).
+    Methods: ``label`` (the raw vector), the cleanup's start decoded
+    (``start_method(label, cfg)``: "Recon of {label}", the SAE encoding, or the
+    gradient-pursuit start) and "cleaned {label}" (scored on ``evaluate``,
+    trained on ``train``).
     """
+    start = start_method(label, cfg)
     rows, features = [], []
     for layer, vector in zip(layers, vectors):
         sae = load_sae(lm.preset, layer)
@@ -206,7 +275,7 @@ def clean_vectors(lm, name: str, label: str, vectors, layers, train: PromptBatch
         result = cleanup(lm, sae, layer, vector, train, evaluate, cfg, seed)
         rows.append({**_row(name, label, layer, score(lm, evaluate, Steering(layer, vector),
                                                       batch_size)), "l0": None})
-        rows.append({**_row(name, f"Recon of {label}", layer, score(
+        rows.append({**_row(name, start, layer, score(
             lm, evaluate, Steering(layer, decode(sae, result.initial_weights)), batch_size)),
             "l0": int((result.initial_weights > 0).sum())})
         rows.append({"task": name, "method": f"cleaned {label}", "layer": layer,
@@ -256,11 +325,11 @@ def _run_cleaning(experiment: str, sweep, lm, tasks, layers, prompt_cfg, cfg: Cl
                   batch_size: int, refresh: bool) -> dict[str, pd.DataFrame]:
     """Run a cleaning ``sweep`` (cleanup_sweep or detector_sweep) per task, cached."""
     prompt_cfg = prompt_cfg or PromptConfig()
-    layers = list(lm.preset.resid_pre_layers_with_sae()) if layers is None else list(layers)
-    settings = {"layers": layers, **{k: v for k, v in asdict(cfg).items() if k != "progress"}}
+    layers = sae_layers(lm, layers)
+    settings = {"layers": layers, "cleanup": _results_config(cfg)}
     return run_per_task(experiment, lm, tasks, prompt_cfg, settings,
                         lambda p: sweep(lm, p, layers, cfg, batch_size, prompt_cfg.seed),
-                        refresh)
+                        refresh, sae_layers=layers)
 
 
 def run_cleanup_sweep(lm, tasks, layers=None, prompt_cfg: PromptConfig | None = None,
@@ -308,12 +377,13 @@ def run_steering_matrix(lm, tasks, layer: int, features_by_task: dict[str, list]
     task whose cleaned vector the feature came from.
     """
     prompt_cfg = prompt_cfg or PromptConfig()
+    check_layers(lm, [layer])
     loaded = model_tasks(lm, tasks)
     features = list(dict.fromkeys(f for fs in features_by_task.values() for f in fs))
-    config = {"experiment": "steering_matrix", "model": model_fingerprint(lm),
-              "tasks": {n: config_key(t.pairs) for n, t in loaded.items()}, "layer": layer,
-              "features": features, "scale": scale, "detectors": detectors,
-              **asdict(prompt_cfg)}
+    key = result_key("steering_matrix", lm, [layer], tasks={n: digest(t) for n, t in
+                                                            loaded.items()},
+                     layer=layer, features=features, scale=scale, detectors=detectors,
+                     prompts=prompt_cfg)
 
     def compute():
         batches = {}
@@ -327,7 +397,7 @@ def run_steering_matrix(lm, tasks, layer: int, features_by_task: dict[str, list]
         grid["feature_task"] = grid.feature.map(origin)
         return grid
 
-    return cached_table("steering_matrix", config, compute, refresh=refresh)
+    return cached_table(key, compute, refresh=refresh)
 
 
 def own_feature_wins(grid: pd.DataFrame) -> pd.Series:
@@ -342,13 +412,20 @@ def own_feature_wins(grid: pd.DataFrame) -> pd.Series:
 def cleanup_report(scores: pd.DataFrame, label: str = "TV") -> pd.DataFrame:
     """Per (task, layer): features before/after cleanup and whether cleaned loss <= raw loss."""
     layered = scores.dropna(subset=["layer"])
+    starts = [m for m in layered.method.unique() if m == f"Recon of {label}"
+              or (m.startswith("pursuit start") and m.endswith(f" of {label}"))]
+    if len(starts) != 1:
+        raise ValueError(f"expected the rows of one cleanup start of {label!r}, found {starts}: "
+                         "pass the scores of one cleaning sweep")
+    start = starts[0]
+    start_name = "SAE encoding" if start.startswith("Recon") else start.removesuffix(f" of {label}")
     table = layered.pivot_table(index=["task", "layer"], columns="method",
                                 values=["nll", "l0"], sort=False)
     report = pd.DataFrame({
-        "features (SAE encoding)": table[("l0", f"Recon of {label}")].astype(int),
+        f"features ({start_name})": table[("l0", start)].astype(int),
         "features (cleaned)": table[("l0", f"cleaned {label}")].astype(int),
         f"{label} nll": table[("nll", label)],
-        f"Recon of {label} nll": table[("nll", f"Recon of {label}")],
+        f"{start} nll": table[("nll", start)],
         "cleaned nll": table[("nll", f"cleaned {label}")]})
     report[f"cleaned <= {label}"] = report["cleaned nll"] <= report[f"{label} nll"]
     return report
@@ -358,10 +435,16 @@ def lambda_sweep(lm, task, layer: int, lams, prompt_cfg: PromptConfig | None = N
                  cfg: CleanupConfig = CleanupConfig(), refresh: bool = False) -> pd.DataFrame:
     """Held-out NLL and active features of the cleaned TV for several lambdas (cached)."""
     prompt_cfg = prompt_cfg or PromptConfig()
+    check_layers(lm, [layer])
     task = model_tasks(lm, [task])[task] if isinstance(task, str) else task
-    config = {"experiment": "lambda_sweep", "model": model_fingerprint(lm), "task": task.name,
-              "task_pairs": config_key(task.pairs), "layer": layer, "lams": list(lams),
-              **asdict(prompt_cfg), **{k: v for k, v in asdict(cfg).items() if k != "progress"}}
+    lams = list(lams) if hasattr(lams, "__iter__") else lams
+    if not isinstance(lams, list) or not lams:
+        raise ValueError(f"lams must be a non-empty list of lambdas, e.g. [0.01, 0.1], not "
+                         f"{lams!r}")
+    for lam in lams:
+        replace(cfg, lam=lam)              # CleanupConfig refuses a bad lambda, naming it
+    key = result_key("lambda_sweep", lm, [layer], task=digest(task), layer=layer, lams=lams,
+                     prompts=prompt_cfg, cleanup=_results_config(cfg))
 
     def compute():
         prompts = build_task_prompts(lm.tokenizer, task, prompt_cfg)
@@ -376,26 +459,27 @@ def lambda_sweep(lm, task, layer: int, lams, prompt_cfg: PromptConfig | None = N
                          "accuracy": result.heldout_accuracy, "steps": result.steps})
         return pd.DataFrame(rows)
 
-    return cached_table("lambda_sweep", config, compute, refresh=refresh)
+    return cached_table(key, compute, refresh=refresh)
 
 
 def run_per_task(experiment: str, lm, tasks, prompt_cfg: PromptConfig, settings: dict,
-                 compute, refresh: bool = False):
-    """Run ``compute(prompts)`` for each task, cached by task, model and settings.
+                 compute, refresh: bool = False, sae_layers=()):
+    """Run ``compute(prompts)`` for each task, cached under ``result_key``.
 
     ``compute`` returns a table, or a dict of named tables; the result has the
-    same form, each table concatenated over tasks.
+    same form, each table concatenated over tasks. ``sae_layers``: the layers
+    whose SAEs ``compute`` uses (they are part of the key).
     """
     parts: dict[str, list] = {}
     for name, task in model_tasks(lm, tasks).items():
-        config = {"experiment": experiment, "model": model_fingerprint(lm), "task": name,
-                  "task_pairs": config_key(task.pairs), **asdict(prompt_cfg), **settings}
+        key = result_key(experiment, lm, sae_layers, task=digest(task), prompts=prompt_cfg,
+                         **settings)
 
         def named(task=task):
             out = compute(build_task_prompts(lm.tokenizer, task, prompt_cfg))
             return {"table": out} if isinstance(out, pd.DataFrame) else out
 
-        for part, table in cached_tables(experiment, config, named, refresh=refresh).items():
+        for part, table in cached_tables(key, named, refresh=refresh).items():
             parts.setdefault(part, []).append(table)
     merged = {part: pd.concat(tables, ignore_index=True) for part, tables in parts.items()}
     return merged["table"] if list(merged) == ["table"] else merged

@@ -15,7 +15,9 @@ import pandas as pd
 import torch
 
 from .hub import require_hub
-from .taskvec import collect_residuals
+from .models import check_sae_site
+from .sae_views import check_features
+from .taskvec import check_batch_size, collect_residuals
 
 
 def corpus_texts(preset, n_texts: int = 2000) -> list[str]:
@@ -68,7 +70,11 @@ def read_features(lm, sae, layer: int, corpus: dict, features=(), k: int = 8,
 
     Memory stays at one batch of activations, whatever the corpus size.
     """
-    features = torch.as_tensor(list(features), dtype=torch.long)
+    check_sae_site(sae, lm, layer)
+    features = torch.as_tensor(check_features(sae, features), dtype=torch.long)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k (contexts per feature) must be a positive int, not {k!r}")
+    check_batch_size(batch_size)
     inputs, counted = corpus["inputs"], corpus["counted"]
     n_docs, width = inputs["input_ids"].shape
     fires = torch.zeros(sae.cfg.d_sae)
@@ -140,5 +146,6 @@ def examples_html(tokenizer, corpus: dict, top, density=None, links=None) -> str
 
 def neuronpedia_url(sae, feature: int) -> str | None:
     """The feature's Neuronpedia page, where sae-lens records the SAE's Neuronpedia id."""
+    feature = check_features(sae, [feature])[0]
     neuronpedia_id = sae.cfg.metadata.neuronpedia_id
     return f"https://www.neuronpedia.org/{neuronpedia_id}/{feature}" if neuronpedia_id else None

@@ -8,8 +8,9 @@ reads the same tensor as resid_pre L+1; presets record their SAE site and
 
 from __future__ import annotations
 
-import hashlib
 import json
+import re
+from numbers import Integral
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,12 +33,22 @@ class Preset:
     sae_dir: str | None = None      # local folder holding one sub-folder per SAE
     sae_repo: str | None = None     # hub repository holding the SAE folders
     sae_format: str = "sae-lens"    # "sae-lens" (cfg.json + weights) | "authors" (converted)
+    sae_encoding: str = "training"  # authors' SAEs: "training" encoder | "scripts" (their scripts')
     n_shots: int = 19               # demonstrations per few-shot prompt (method.md)
     dtype_cuda: str = "bfloat16"    # weights on CUDA (on the CPU: float32)
     task_layer: int = 12            # resid_pre layer of the writeup's task-feature figures
     detector_layer: int = 11        # resid_pre layer of its detector features
     max_pairs_per_task: int | None = None   # the embedded model knows only the first pairs
     corpus: str | None = "NeelNanda/pile-10k"  # texts for reading features: JSON file or dataset
+
+    def __post_init__(self):
+        if self.sae_site not in ("resid_pre", "resid_post"):
+            raise ValueError(f"preset {self.name!r}: sae_site must be 'resid_pre' or "
+                             f"'resid_post', not {self.sae_site!r}")
+        if self.sae_encoding not in ("training", "scripts") or (
+                self.sae_encoding == "scripts" and self.sae_format != "authors"):
+            raise ValueError(f"preset {self.name!r}: sae_encoding {self.sae_encoding!r} is "
+                             "'training', or 'scripts' for SAEs in the authors' format only")
 
     def resid_pre_layers_with_sae(self) -> tuple[int, ...]:
         """The resid_pre layers at which an SAE can be used."""
@@ -64,6 +75,13 @@ PRESETS: dict[str, Preset] = {
         "gemma-2b-it-authors", "google/gemma-2b-it", "resid_pre", tuple(range(1, 18)),
         sae_repo="nev/gemma-2b-saex-test", sae_id="it-l{layer}-residual-test-run-1-*",
         sae_format="authors", task_layer=12, detector_layer=11),
+    # The same SAEs encoded as the authors' experiment scripts encode task vectors
+    # (tvlib.authors_sae, encoding="scripts"), so that Recon of TV and the cleanup start
+    # are theirs.
+    "gemma-2b-it-authors-scripts": Preset(
+        "gemma-2b-it-authors-scripts", "google/gemma-2b-it", "resid_pre", tuple(range(1, 18)),
+        sae_repo="nev/gemma-2b-saex-test", sae_id="it-l{layer}-residual-test-run-1-*",
+        sae_format="authors", sae_encoding="scripts", task_layer=12, detector_layer=11),
     "gemma-2-2b": Preset("gemma-2-2b", "google/gemma-2-2b", "resid_post", tuple(range(25)),
                          sae_release="gemma-scope-2b-pt-res-canonical",
                          sae_id="layer_{layer}/width_16k/canonical",
@@ -166,8 +184,25 @@ def to_model(lm, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in inputs.items()}
 
 
+def context_length(lm) -> int | None:
+    """The longest input the model's position embeddings cover (None if it records none)."""
+    config = lm._module.config
+    for name in ("max_position_embeddings", "n_positions"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    return None
+
+
 def trace(lm, inputs: dict[str, torch.Tensor]):
-    """``lm.trace`` on inputs moved to the model, remotely when the model was loaded so."""
+    """``lm.trace`` on inputs moved to the model, remotely when the model was loaded so.
+
+    Inputs longer than the model's context are refused here, for every forward pass.
+    """
+    width, limit = inputs["input_ids"].shape[-1], context_length(lm)
+    if limit is not None and width > limit:
+        raise ValueError(
+            f"inputs of {width} tokens are longer than the model's context of {limit} "
+            "tokens: lower n_shots (or shorten the texts) so that every prompt fits")
     remote = getattr(lm, "remote", False)
     inputs = to_model(lm, inputs)
     return lm.trace(inputs, remote=remote) if remote else lm.trace(inputs)
@@ -207,9 +242,28 @@ def d_model(lm) -> int:
 
 def check_layer(lm, layer: int) -> None:
     n = n_layers(lm)
+    if isinstance(layer, bool) or not isinstance(layer, Integral):
+        raise ValueError(f"layer must be an int (a resid_pre layer 0..{n - 1}), not {layer!r}")
     if not 0 <= layer < n:
         raise ValueError(f"layer {layer} is out of range: this model has resid_pre layers "
                          f"0..{n - 1}")
+
+
+def check_layers(lm, layers) -> list[int]:
+    """``layers`` as a list, refused if empty, not a list of ints in range, or repeated."""
+    if isinstance(layers, (int, str)) or not hasattr(layers, "__iter__"):
+        raise ValueError(f"layers must be a list of resid_pre layers, e.g. [{layers}], not "
+                         f"{layers!r}")
+    layers = list(layers)
+    if not layers:
+        raise ValueError("layers is empty: give at least one resid_pre layer, or None for the "
+                         "default layers")
+    for layer in layers:
+        check_layer(lm, layer)
+    layers = [int(layer) for layer in layers]
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers {layers} repeats a layer: list each layer once")
+    return layers
 
 
 def resid_pre(lm, layer: int):
@@ -221,61 +275,141 @@ def resid_pre(lm, layer: int):
     return blocks(lm)[layer].input
 
 
-def model_fingerprint(lm) -> str:
-    """A short id of the weights' source, for keying cached results."""
-    source = Path(lm.preset.model_id)
-    if source.is_dir():
-        digest = hashlib.sha256((source / "config.json").read_bytes())
-        for weights in sorted(source.glob("*.safetensors")):
-            with open(weights, "rb") as f:   # size and tail: cheap, changes on retraining
-                f.seek(max(0, weights.stat().st_size - 4096))
-                digest.update(f.read())
-        return f"{lm.preset.name}-{digest.hexdigest()[:12]}"
-    return lm.preset.model_id
+def model_identity(lm) -> dict:
+    """What the model's results depend on: its files, dtype, device kind (cache keys).
+
+    Every file of the model's folder counts (weights, config, tokenizer); hub
+    models are read from their cached snapshot.
+    """
+    preset = lm.preset
+    source = Path(preset.model_id)
+    if not source.is_dir():
+        from .hub import cached_snapshot
+        source = cached_snapshot(preset.model_id)
+        if source is None:
+            raise FileNotFoundError(f"the files of {preset.model_id!r} are not in the local hub "
+                                    "cache: load the model with load_model first")
+    from .cache import folder_digest
+    remote = getattr(lm, "remote", False)
+    return {"model_id": preset.model_id, "files": folder_digest(source),
+            "dtype": str(model_dtype(lm)).removeprefix("torch."),
+            "device": "remote" if remote is True else model_device(lm).type}
+
+
+def sae_identity(preset: str | Preset, layer: int) -> dict:
+    """What results from the SAE at resid_pre ``layer`` depend on (cache keys)."""
+    from .cache import folder_digest
+    preset = get_preset(preset)
+    folder, sae_id = sae_source(preset, layer)
+    return {"source": preset.sae_release or preset.sae_repo or "local", "id": sae_id,
+            "format": preset.sae_format, "encoding": preset.sae_encoding,
+            "files": folder_digest(folder)}
+
+
+def sae_source(preset: str | Preset, layer: int) -> tuple[Path, str]:
+    """(folder holding the SAE's files, its id) for resid_pre ``layer``; downloads if needed."""
+    preset = get_preset(preset)
+    available = preset.resid_pre_layers_with_sae()
+    if layer not in available:
+        raise ValueError(f"preset {preset.name!r} has no SAE reading resid_pre {layer}; "
+                         f"SAEs exist at resid_pre layers {list(available)}")
+    block = layer - 1 if preset.sae_site == "resid_post" else layer
+    sae_id = preset.sae_id.format(layer=block)
+    if preset.sae_release is not None:
+        return _release_folder(preset.sae_release, sae_id), sae_id
+    return _local_sae_folder(preset, sae_id), sae_id
 
 
 def load_sae(preset: str | Preset, layer: int, device: str | None = None):
     """The sae-lens SAE that reads resid_pre ``layer`` for this preset.
 
     For presets whose SAEs sit at resid_post, the SAE of block ``layer - 1`` is
-    loaded (it reads the same tensor). The SAE's metadata records its own site and
-    block (``sae_views.sae_site`` reads them as resid_pre). device: default CUDA if
-    available; the SAE stays float32.
+    loaded (it reads the same tensor). The site the SAE records itself is
+    compared with the preset's and never overwritten: an SAE trained for another
+    layer or site is refused. device: default CUDA if available; float32.
     """
     preset = get_preset(preset)
-    available = preset.resid_pre_layers_with_sae()
-    if layer not in available:
-        raise ValueError(f"preset {preset.name!r} has no SAE reading resid_pre {layer}; "
-                         f"SAEs exist at resid_pre layers {list(available)}")
+    folder, sae_id = sae_source(preset, layer)
     device = device or default_device()
-    block = layer - 1 if preset.sae_site == "resid_post" else layer
-    sae_id = preset.sae_id.format(layer=block)
     if preset.sae_release is not None:
-        sae = _load_release_sae(preset.sae_release, sae_id, device)
+        from sae_lens import SAE
+        sae = SAE.from_pretrained(preset.sae_release, sae_id, device=device)
+    elif preset.sae_format == "authors":
+        # their files record no site; their folder names do ("it-l12-residual-...")
+        named = re.search(r"-l(\d+)-", folder.name)
+        sae = load_authors_sae(folder, int(named.group(1)) if named else layer, device,
+                               encoding=preset.sae_encoding)
     else:
-        folder = _local_sae_folder(preset, sae_id)
-        if preset.sae_format == "authors":
-            sae = load_authors_sae(folder, layer, device)
-        else:
-            from sae_lens import SAE
-            sae = SAE.load_from_disk(str(folder), device=device)
-    _check_hook(sae, preset, block)
-    sae.cfg.metadata.site, sae.cfg.metadata.layer = preset.sae_site, block
+        from sae_lens import SAE
+        sae = SAE.load_from_disk(str(folder), device=device)
+    recorded = sae_site(sae)
+    if recorded != ("resid_pre", layer):
+        found = "no site" if recorded is None else f"resid_pre {recorded[1]}"
+        raise ValueError(
+            f"the SAE in {folder} records {found} ({_record_text(sae)}), but preset "
+            f"{preset.name!r} lists it for resid_pre {layer} ({preset.sae_site} block "
+            f"{layer - (preset.sae_site == 'resid_post')}): check the preset's sae_site, "
+            "sae_layers and sae_id, or replace the SAE folder with the right one")
     return sae.eval()
 
 
-def _check_hook(sae, preset: Preset, block: int) -> None:
-    """Fail when the SAE's own TransformerLens hook name contradicts the preset."""
-    parts = (sae.cfg.metadata.hook_name or "").split(".")
-    if len(parts) == 3 and parts[0] == "blocks" and parts[2].startswith("hook_resid_"):
-        expected = f"blocks.{block}.hook_{preset.sae_site}"
-        if ".".join(parts) != expected:
-            raise ValueError(f"the SAE loaded for {preset.name!r} reads {'.'.join(parts)}, not "
-                             f"{expected}: check the preset's sae_site, sae_layers and sae_id")
+def sae_site(sae) -> tuple[str, int] | None:
+    """("resid_pre", L): the layer the SAE records it reads, in resid_pre terms; None if unknown.
+
+    Read from the SAE's metadata: ``site`` and ``layer`` (the embedded SAEs), or
+    its hook name: TransformerLens ``blocks.{L}.hook_resid_pre|post``, or a
+    Hugging Face module path ``model.layers.{L}`` (its output, resid_post L) or
+    ``model.layers.{L}.input`` (resid_pre L). A record that contradicts itself
+    is an error.
+    """
+    meta = sae.cfg.metadata
+    found = set()
+    site, layer = getattr(meta, "site", None), getattr(meta, "layer", None)
+    if site in ("resid_pre", "resid_post") and layer is not None:
+        found.add(int(layer) + (site == "resid_post"))
+    hook = getattr(meta, "hook_name", None) or ""
+    for pattern, shift in ((r"blocks\.(\d+)\.hook_resid_pre", 0),
+                           (r"blocks\.(\d+)\.hook_resid_post", 1),
+                           (r"(?:model\.)?(?:layers|h)\.(\d+)\.input", 0),
+                           (r"(?:model\.|transformer\.)?(?:layers|h)\.(\d+)", 1)):
+        match = re.fullmatch(pattern, hook)
+        if match:
+            found.add(int(match.group(1)) + shift)
+            break
+    if len(found) > 1:
+        raise ValueError(f"the SAE's record contradicts itself ({_record_text(sae)}): fix "
+                         "its cfg.json metadata")
+    return ("resid_pre", found.pop()) if found else None
 
 
-def _load_release_sae(release: str, sae_id: str, device: str):
-    from sae_lens import SAE
+def _record_text(sae) -> str:
+    meta = sae.cfg.metadata
+    return (f"hook_name={getattr(meta, 'hook_name', None)!r}, site={getattr(meta, 'site', None)!r},"
+            f" layer={getattr(meta, 'layer', None)!r}")
+
+
+def check_sae_site(sae, lm, layer: int) -> None:
+    """Fail unless ``sae`` fits the model's width and records that it reads resid_pre ``layer``.
+
+    ``lm`` may be None where no model is involved (then only the site is checked).
+    """
+    if lm is not None:
+        check_sae_fits(sae, lm)
+    recorded = sae_site(sae)
+    if recorded is None:
+        raise ValueError(
+            f"this SAE does not record which layer it reads ({_record_text(sae)}), so it "
+            f"cannot be checked against resid_pre {layer}: load it with "
+            "tvlib.models.load_sae(preset, layer), or set sae.cfg.metadata.hook_name = "
+            f"'blocks.{layer}.hook_resid_pre' if you know it was trained there")
+    if recorded != ("resid_pre", layer):
+        raise ValueError(
+            f"this SAE reads resid_pre {recorded[1]} ({_record_text(sae)}), not resid_pre "
+            f"{layer}: load the SAE for this layer with tvlib.models.load_sae(preset, {layer})")
+
+
+def _release_folder(release: str, sae_id: str) -> Path:
+    """The local folder of one SAE of a sae-lens release (downloaded if not cached)."""
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
     lookup = get_pretrained_saes_directory().get(release)
@@ -285,7 +419,10 @@ def _load_release_sae(release: str, sae_id: str, device: str):
     folder = lookup.saes_map[sae_id]
     require_hub(lookup.repo_id, f"SAE {sae_id!r} of sae-lens release {release!r}, in repository",
                 f"{folder}/*", include=f"{folder}/*")
-    return SAE.from_pretrained(release, sae_id, device=device)
+    from huggingface_hub import constants, snapshot_download
+    root = snapshot_download(lookup.repo_id, allow_patterns=[f"{folder}/*"],
+                             local_files_only=constants.HF_HUB_OFFLINE)
+    return Path(root) / folder
 
 
 def _local_sae_folder(preset: Preset, sae_id: str) -> Path:

@@ -1,17 +1,20 @@
-"""One figure style; every figure saved as PNG and PDF under ``figures/``."""
+"""One figure style; every figure saved as PNG and PDF under ``figures/``.
+
+The matplotlib backend is left alone: in Jupyter, figures show inline; a
+headless run picks a non-interactive backend itself (or set MPLBACKEND=Agg).
+"""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import matplotlib
+import matplotlib.pyplot as plt
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from .cache import write_atomic  # noqa: E402
-from .paths import FIGURES_DIR  # noqa: E402
+from .cache import write_atomic
+from .paths import FIGURES_DIR
 
 STYLE = {
     "figure.dpi": 110, "savefig.dpi": 150, "font.size": 9, "axes.titlesize": 10,
@@ -28,9 +31,24 @@ METHOD_STYLE = {
     "ITO": dict(color="tab:red", marker="d", markersize=3),
     "cleaned TV": dict(color="tab:purple", marker="o", markersize=3),
     "one-shot (X -> Y)": dict(color="0.5", linestyle=":"),
+    "pursuit start": dict(color="tab:gray", marker="s", markersize=3),
     "detector": dict(color="tab:olive", marker="o", markersize=3),
     "cleaned detector": dict(color="tab:brown", marker="o", markersize=3),
 }
+
+
+@contextmanager
+def styled():
+    """``STYLE`` while a figure is built, leaving matplotlib's interactive mode as it is then.
+
+    In Jupyter the inline backend switches interactive mode on when the first
+    figure is made; a plain ``rc_context`` would switch it off again on exit,
+    and no later figure would show.
+    """
+    with plt.rc_context(STYLE):
+        yield
+        interactive = matplotlib.is_interactive()
+    matplotlib.interactive(interactive)
 
 
 def method_style(method: str) -> dict:
@@ -39,18 +57,18 @@ def method_style(method: str) -> dict:
     return METHOD_STYLE[max(matches, key=len)] if matches else {}
 
 
-def save_figure(fig, name: str, out_dir: Path | None = None) -> list[Path]:
-    """Save ``fig`` as ``{name}.png`` and ``{name}.pdf``; return the paths."""
+def save_figure(fig, name: str, out_dir: Path | None = None) -> None:
+    """Save ``fig`` as ``{out_dir}/{name}.png`` and ``.pdf`` (default out_dir: ``figures/``).
+
+    Returns nothing, so that a notebook cell ending with it shows the figure, not paths.
+    """
     out_dir = Path(out_dir or FIGURES_DIR)
-    paths = []
     for suffix in ("png", "pdf"):
         path = out_dir / f"{name}.{suffix}"
         # no creation date in the metadata: the same figure gives the same bytes
         metadata = {"CreationDate": None} if suffix == "pdf" else {}
         write_atomic(path, lambda p, s=suffix, m=metadata: fig.savefig(
             p, format=s, bbox_inches="tight", metadata=m))
-        paths.append(path)
-    return paths
 
 
 def plot_loss_vs_layer(results: pd.DataFrame, metric: str = "nll", title: str = ""):
@@ -59,7 +77,7 @@ def plot_loss_vs_layer(results: pd.DataFrame, metric: str = "nll", title: str = 
     ``results`` has columns task, method, layer (NaN for baselines) and ``metric``.
     """
     tasks = list(dict.fromkeys(results["task"]))
-    with plt.rc_context(STYLE):
+    with styled():
         fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 2.6), squeeze=False,
                                  sharey=True)
         for ax, task in zip(axes[0], tasks):
@@ -87,7 +105,7 @@ def plot_ito_sweep(results: pd.DataFrame, title: str = ""):
 
     ``results`` has columns task, method ("TV", "Recon of TV", "ITO"), target_l0, l0, nll.
     """
-    with plt.rc_context(STYLE):
+    with styled():
         fig, (ax_loss, ax_l0) = plt.subplots(1, 2, figsize=(7.5, 2.8))
         for i, (task, rows) in enumerate(results.groupby("task", sort=False)):
             color = f"C{i}"
@@ -118,7 +136,7 @@ def plot_l0_per_task(scores: pd.DataFrame, layer: int, title: str = ""):
     """Active features of the SAE encoding ("Recon of TV") vs the cleaned TV, per task."""
     rows = scores[(scores.layer == layer) & scores.method.isin(["Recon of TV", "cleaned TV"])]
     table = rows.pivot_table(index="task", columns="method", values="l0", sort=False)
-    with plt.rc_context(STYLE):
+    with styled():
         fig, ax = plt.subplots(figsize=(max(3.5, 0.45 * len(table) + 1.5), 2.8))
         x = range(len(table))
         ax.bar([i - 0.2 for i in x], table["Recon of TV"], 0.4, label="SAE encoding of TV",
@@ -140,7 +158,7 @@ def plot_feature_weights(features: pd.DataFrame, task: str, layer: int, top: int
     rows = rows.sort_values("recon_weight", ascending=False).head(top)
     recon = rows.recon_weight / rows.recon_weight.abs().max()
     cleaned = rows.cleaned_weight / max(rows.cleaned_weight.abs().max(), 1e-12)
-    with plt.rc_context(STYLE):
+    with styled():
         fig, ax = plt.subplots(figsize=(max(4.0, 0.16 * len(rows) + 1.5), 2.6))
         x = range(len(rows))
         ax.bar([i - 0.2 for i in x], recon, 0.4, color="tab:blue", label="SAE encoding of TV")
@@ -156,7 +174,7 @@ def plot_feature_weights(features: pd.DataFrame, task: str, layer: int, top: int
 
 def plot_lambda_sweep(sweep: pd.DataFrame, title: str = ""):
     """Sparsity / loss trade-off: held-out NLL and active features vs lambda."""
-    with plt.rc_context(STYLE):
+    with styled():
         fig, ax = plt.subplots(figsize=(3.6, 2.6))
         ax.plot(sweep.lam, sweep.nll, marker="o", color="tab:purple", label="held-out NLL")
         ax.set_xscale("log")
@@ -179,7 +197,7 @@ def plot_steering_matrix(grid: pd.DataFrame, clip: float = 1.0, title: str = "")
     columns = list(dict.fromkeys(zip(grid.feature_task, grid.feature)))
     table = grid.pivot_table(index="task", columns="feature", values="relative_change")
     values = table.loc[tasks, [f for _, f in columns]].clip(upper=clip)
-    with plt.rc_context(STYLE):
+    with styled():
         fig, ax = plt.subplots(figsize=(0.5 * len(columns) + 3.0, 0.38 * len(tasks) + 1.6))
         image = ax.imshow(values.values, cmap="RdBu_r", vmin=-1, vmax=clip, aspect="auto")
         ax.set_xticks(range(len(columns)), [f"{f} ({t})" for t, f in columns], rotation=60,

@@ -6,23 +6,50 @@ repeat ``target_l0`` times:
 
 1. residual r = x - w D
 2. correlations c = r D^T
-3. add the best inactive feature (largest c) to the active set
+3. pick a feature (``selection``, below) and add it to the active set
 4. gradient g = c restricted to the active set
 5. step size eta = <g D, r> / ||g D||^2 (exact line search along g)
 6. w = max(w + eta g, 0)
 
-Step 6 as written can increase the reconstruction error, when clipping a
-weight at zero moves w off the search line. By default (``step="feasible"``)
-eta is therefore shortened to the largest step that keeps every weight
-non-negative; the error along the line is a convex quadratic that decreases
-up to the optimal eta, so the error never increases. ``step="clip"`` is the
-authors' exact rule.
+``selection`` (step 3):
 
-``subtract_b_dec`` (default False, as the authors did): whether to code
-``x - b_dec`` rather than ``x``. Task vectors are means of residuals, which
-already contain the mean that b_dec models, so the default codes the vector as
-it is; set it to True to decompose only the part b_dec does not explain (then
-decode with ``w D + b_dec``).
+- ``"inactive"`` (default): the inactive feature with the largest c. The active
+  set is kept between steps (a weight clipped to 0 stays in it), so it grows by
+  exactly one feature per step and the pick order lists ``target_l0`` distinct
+  features.
+- ``"all"``: the argmax of c over ALL features, as method.md writes it and as the
+  authors' code does. Their ``grad_pursuit_update_step`` in
+  ``micrlhf/utils/ito.py`` of github.com/neverix/micrlhf-progress recomputes the
+  active set every step as ``weights != 0`` plus the argmax
+  (``selected_features = (weights != 0)``; ``idx = jnp.argmax(inner_products)``),
+  so when the argmax is already active the set does not grow, and a weight
+  clipped to 0 leaves the set (it can be picked again later). ``order`` then
+  holds each step's argmax, possibly repeated; the final L0 can be below
+  ``target_l0``. Their scripts call it as ``grad_pursuit(tv, sae["W_dec"], 20)``
+  for task vectors and ``grad_pursuit(tv, sae["W_dec"], 7)`` for detectors
+  (``sprint/run_task_vector_cleaning.py``, ``..._detectors.py``).
+
+``step`` (step 6):
+
+- ``"feasible"`` (default): step 6 as written can increase the reconstruction
+  error, when clipping a weight at zero moves w off the search line. eta is
+  therefore shortened to the largest step that keeps every weight non-negative;
+  the error along the line is a convex quadratic that decreases up to the optimal
+  eta, so the error never increases.
+- ``"clip"``: step 6 exactly as written, the rule of the authors' code
+  (``weights = jnp.maximum(weights + step_size * grad, 0)`` with their default
+  ``pos_only=True``). ``selection="all", step="clip"`` is their whole algorithm.
+
+Their code codes the raw vector (no b_dec subtracted, and it returns
+``w W_dec`` without b_dec) with the raw decoder of their files; the result is
+the same with tvlib's converted decoder (W_dec / n_out): scaling the whole
+dictionary by a constant scales the weights by its inverse and leaves the picks
+and the reconstruction unchanged.
+
+``subtract_b_dec`` (in ``sae_views.ito``; default False, as the authors did):
+whether to code ``x - b_dec`` rather than ``x``. Task vectors are means of
+residuals, which already contain the mean that b_dec models, so the default
+codes the vector as it is.
 """
 
 from __future__ import annotations
@@ -31,19 +58,27 @@ from dataclasses import dataclass
 
 import torch
 
+STEPS = ("feasible", "clip")
+SELECTIONS = ("inactive", "all")
+
 
 @dataclass
 class PursuitResult:
     weights: torch.Tensor        # (B, F) non-negative, at most target_l0 non-zero per row
     errors: torch.Tensor         # (n_iter + 1, B) squared reconstruction error per iteration
-    order: torch.Tensor          # (B, target_l0) features in the order they were picked
+    order: torch.Tensor          # (B, target_l0) the feature picked at each step
 
 
 def gradient_pursuit(x: torch.Tensor, dictionary: torch.Tensor, target_l0: int,
-                     step: str = "feasible") -> PursuitResult:
-    """Sparse non-negative codes of ``x`` (B, d) in ``dictionary`` (F, d)."""
-    if step not in ("feasible", "clip"):
-        raise ValueError(f"step must be 'feasible' or 'clip', not {step!r}")
+                     step: str = "feasible", selection: str = "inactive") -> PursuitResult:
+    """Sparse non-negative codes of ``x`` (B, d) or (d,) in ``dictionary`` (F, d)."""
+    if step not in STEPS:
+        raise ValueError(f"step={step!r} is not a step rule: pass step='feasible' (never "
+                         "increases the error) or step='clip' (the authors' rule)")
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection={selection!r} is not a selection rule: pass "
+                         "selection='inactive' (best inactive feature) or selection='all' "
+                         "(argmax over all features, the authors' rule)")
     if x.dim() == 1:
         x = x.unsqueeze(0)
     if x.shape[-1] != dictionary.shape[-1]:
@@ -51,6 +86,11 @@ def gradient_pursuit(x: torch.Tensor, dictionary: torch.Tensor, target_l0: int,
                          f"width {dictionary.shape[-1]}")
     if not 1 <= target_l0 <= dictionary.shape[0]:
         raise ValueError(f"target_l0 must be between 1 and {dictionary.shape[0]}, got {target_l0}")
+    for name, tensor in (("x", x), ("dictionary", dictionary)):
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{name} holds {int((~torch.isfinite(tensor)).sum())} NaN or "
+                             f"infinite values: pass finite {name} (a NaN task vector comes "
+                             "from prompts without a separator)")
     D = dictionary.float()
     x = x.to(D)                                              # the dictionary's device
     B, F = x.shape[0], D.shape[0]
@@ -62,7 +102,13 @@ def gradient_pursuit(x: torch.Tensor, dictionary: torch.Tensor, target_l0: int,
     for i in range(target_l0):
         r = x - w @ D                                        # (B, d)
         c = r @ D.T                                          # (B, F)
-        pick = c.masked_fill(active, float("-inf")).argmax(-1)
+        if selection == "inactive":
+            pick = c.masked_fill(active, float("-inf")).argmax(-1)     # (B,)
+        else:
+            # the authors' rule: argmax over all features; the active set is
+            # the non-zero weights plus this pick, recomputed every step
+            pick = c.argmax(-1)
+            active = w != 0
         active[rows, pick] = True
         order[:, i] = pick
         g = c * active                                       # (B, F)

@@ -23,6 +23,7 @@ from .models import PRESETS, Preset, get_preset, preset_to_json
 from .paths import TOY_DIR
 
 ARCHITECTURES = {"gpt2": "gpt2", "gemma-2b": "gemma", "gemma-2b-it-authors": "gemma",
+                 "gemma-2b-it-authors-scripts": "gemma",
                  "gemma-2-2b": "gemma2"}
 
 

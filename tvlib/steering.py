@@ -12,13 +12,17 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
+import math
+
+from .models import check_sae_site
 from .prompts import PromptBatch
+from .sae_views import check_features
 from .taskvec import Steering, score
 
 
 def feature_directions(sae, features) -> torch.Tensor:
     """(n_features, d) unit decoder directions."""
-    rows = torch.as_tensor(list(features), dtype=torch.long, device=sae.W_dec.device)
+    rows = torch.as_tensor(check_features(sae, features), dtype=torch.long, device=sae.W_dec.device)
     W = sae.W_dec.detach()[rows].float().cpu()
     return W / W.norm(dim=-1, keepdim=True)
 
@@ -37,9 +41,10 @@ def steering_grid(lm, batches: dict[str, PromptBatch], layer: int, sae, features
     Returns one row per (task, feature): loss, base_loss, relative_change =
     (loss - base_loss) / base_loss.
     """
-    features = list(features)
-    if not features:
-        raise ValueError("no features to steer with")
+    features = _check_grid(lm, batches, layer, sae, features, scale)
+    if isinstance(features_per_pass, bool) or not isinstance(features_per_pass, int) \
+            or features_per_pass < 1:
+        raise ValueError(f"features_per_pass must be a positive int, not {features_per_pass!r}")
     directions = feature_directions(sae, features)                         # (F, d)
     rows = []
     for task, batch in batches.items():
@@ -59,6 +64,7 @@ def steering_grid(lm, batches: dict[str, PromptBatch], layer: int, sae, features
 def steering_grid_loop(lm, batches: dict[str, PromptBatch], layer: int, sae, features,
                        scale: float = 20.0) -> pd.DataFrame:
     """The same grid, one forward pass per cell (the reference for tests and benchmarks)."""
+    features = _check_grid(lm, batches, layer, sae, features, scale)
     directions = feature_directions(sae, features)
     rows = []
     for task, batch in batches.items():
@@ -68,3 +74,17 @@ def steering_grid_loop(lm, batches: dict[str, PromptBatch], layer: int, sae, fea
             rows.append({"task": task, "feature": feature, "loss": loss, "base_loss": base,
                          "relative_change": (loss - base) / base})
     return pd.DataFrame(rows)
+
+
+def _check_grid(lm, batches, layer: int, sae, features, scale: float) -> list[int]:
+    """The grid's inputs checked: the SAE reads ``layer``, the features are its own."""
+    check_sae_site(sae, lm, layer)
+    features = check_features(sae, features)
+    if not features:
+        raise ValueError("no features to steer with: pass at least one feature index")
+    if not batches:
+        raise ValueError("no prompt batches: pass {task name: PromptBatch}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number (the writeup: 20 for task features, "
+                         f"25 for detectors), not {scale!r}")
+    return features

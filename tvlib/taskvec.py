@@ -8,10 +8,11 @@ greedy first-token accuracy. Padding never counts.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 
-from .models import check_layer, resid_pre, trace
+from .models import check_layers, d_model, resid_pre, trace
 from .prompts import PromptBatch
 
 
@@ -26,6 +27,27 @@ class Steering:
     def __post_init__(self):
         if self.mode not in ("add", "replace"):
             raise ValueError(f"steering mode must be 'add' or 'replace', not {self.mode!r}")
+        if isinstance(self.layer, bool) or not isinstance(self.layer, Integral):
+            raise ValueError(f"steering layer must be an int, not {self.layer!r}")
+        if not isinstance(self.vector, torch.Tensor) or self.vector.dim() not in (1, 2):
+            shape = tuple(getattr(self.vector, "shape", ()))
+            raise ValueError(f"steering vector must be a tensor of shape (d,) or (B, d), not "
+                             f"{type(self.vector).__name__} of shape {shape}")
+        # vectors under optimisation are checked by their optimiser (cleanup's loss)
+        if not self.vector.requires_grad and not torch.isfinite(self.vector).all():
+            raise ValueError(f"the steering vector at layer {self.layer} holds NaN or inf "
+                             "values: check how it was computed (e.g. a task vector from "
+                             "prompts with no separator)")
+
+    def check_fits(self, batch: PromptBatch, width: int) -> None:
+        """Fail unless the vector has the model's width and, if stacked, one row per prompt."""
+        if self.vector.shape[-1] != width:
+            raise ValueError(f"steering vector has width {self.vector.shape[-1]}, but the "
+                             f"residual stream has width {width}: use a vector of this model")
+        if self.vector.dim() == 2 and self.vector.shape[0] != len(batch):
+            raise ValueError(f"a stack of {self.vector.shape[0]} steering vectors for "
+                             f"{len(batch)} prompts: give one vector (d,) for all prompts or "
+                             "exactly one row per prompt")
 
 
 @dataclass
@@ -85,6 +107,7 @@ def apply_steering(lm, steering: Steering | None, batch: PromptBatch) -> None:
     if steering is None:
         return
     h = resid_pre(lm, steering.layer)                  # (B, T, d)
+    steering.check_fits(batch, d_model(lm))
     rows = torch.arange(len(batch))
     vector = steering.vector.to(device=h.device, dtype=h.dtype)
     if steering.mode == "add":
@@ -100,6 +123,9 @@ def score(lm, batch: PromptBatch, steering: Steering | None = None,
     ``keep_logits`` keeps each prompt's first-token logits (B, V), for
     ``Scores.filtered_accuracy``; off by default, as V can be 256k.
     """
+    check_batch_size(batch_size)
+    if steering is not None:
+        steering.check_fits(batch, steering.vector.shape[-1])   # rows; width checked in trace
     parts = []
     with torch.no_grad():
         for chunk in batch.chunks(batch_size):
@@ -114,7 +140,18 @@ def score(lm, batch: PromptBatch, steering: Steering | None = None,
     joined = {f: torch.cat([getattr(p, f) for p in parts])
               for f in ("nll", "correct", "first_targets")}
     logits = torch.cat([p.first_logits for p in parts]) if keep_logits else None
+    if not torch.isfinite(joined["nll"]).all():
+        raise FloatingPointError(
+            f"{int((~torch.isfinite(joined['nll'])).sum())} of {len(batch)} answer NLLs are NaN "
+            "or inf: the model's logits are not finite (a steering vector far too large, or "
+            "a float16 overflow: use float32 or bfloat16)")
     return Scores(**joined, first_logits=logits)
+
+
+def check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, not {batch_size!r}: e.g. 32 "
+                         "(lower it if memory runs out)")
 
 
 def collect_residuals(lm, inputs: dict[str, torch.Tensor], layers, positions: torch.Tensor,
@@ -125,9 +162,8 @@ def collect_residuals(lm, inputs: dict[str, torch.Tensor], layers, positions: to
     positions: (B, S) token indices, -1 where absent.
     Returns (n_layers, B, S, d) in float32; absent entries are NaN.
     """
-    layers = list(layers)
-    for layer in layers:
-        check_layer(lm, layer)
+    layers = check_layers(lm, layers)
+    check_batch_size(batch_size)
     in_order = sorted(set(layers))     # a trace must visit modules in forward order
     out = []
     with torch.no_grad():

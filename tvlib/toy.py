@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .paths import TOY_DIR
-from .prompts import FORMATS, render
+from .prompts import TOY_FORMATS, render
 from .tasks import ALGORITHMIC_TASKS, ALL_TASKS, LIST_PICKS, Task, load_task, random_list_pair
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<unk>", "<eos>")
@@ -143,7 +143,7 @@ def fresh_list_pairs(rng: random.Random, name: str, n: int, cfg: ToyConfig) -> l
 
 def few_shot_document(rng: random.Random, task: Task, icl_pairs: list, cfg: ToyConfig) -> str:
     names, weights = zip(*cfg.format_weights)
-    fmt = FORMATS[rng.choices(names, weights)[0]]
+    fmt = TOY_FORMATS[rng.choices(names, weights)[0]]
     k = rng.randint(0, cfg.max_demos)
     if task.name in LIST_PICKS:
         chosen = fresh_list_pairs(rng, task.name, k + 1, cfg)
@@ -217,7 +217,7 @@ def build_tokenizer(texts: list[str]):
 
 def vocabulary_texts(cfg: ToyConfig) -> list[str]:
     """Every string the model may see: templates, formats, all pairs, placeholders."""
-    texts = [fmt.instruction + fmt.query + fmt.answer for fmt in FORMATS.values()]
+    texts = [fmt.instruction + fmt.query + fmt.answer for fmt in TOY_FORMATS.values()]
     texts += [t.format(x="", y="") for t in FACT_TEMPLATES.values()]
     texts += ["X Y"]
     for task in toy_tasks(cfg).values():

@@ -1,0 +1,135 @@
+"""Parameters are never quietly changed: a bad value is refused by an error that
+names the parameter, the value and the fix. And SAEs are only used where they were
+trained."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tvlib.experiments import (PromptConfig, build_task_prompts, run_sae_view_sweep,
+                               run_task_vector_sweep)
+from tvlib.features import neuronpedia_url, read_features, tokenize_corpus
+from tvlib.models import load_sae
+from tvlib.steering import feature_directions, steering_grid
+from tvlib.taskvec import Steering, collect_residuals, score, task_vectors
+from tvlib.tasks import load_task
+
+TINY = PromptConfig(n_prompts=4, n_shots=4, n_eval=6, n_train=4)
+
+
+@pytest.fixture(scope="module")
+def prompts(toy_lm):
+    return build_task_prompts(toy_lm.tokenizer, load_task("antonyms").head(100), TINY)
+
+
+@pytest.mark.parametrize("field,value", [("n_shots", 0), ("n_prompts", 0), ("n_eval", -1),
+                                         ("n_train", 0), ("n_first", 0), ("n_shots", 2.5),
+                                         ("fmt", "chat"), ("seed", None)])
+def test_prompt_config_refuses_bad_values(field, value):
+    with pytest.raises(ValueError, match=f"{field}.*{value!r}"):
+        PromptConfig(**{field: value})
+
+
+def test_too_few_pairs_for_n_eval_is_refused_not_shrunk(toy_lm):
+    task = load_task("antonyms").head(40)
+    with pytest.raises(ValueError, match="n_eval=50.*lower n_eval"):
+        build_task_prompts(toy_lm.tokenizer, task, PromptConfig(n_eval=50))
+
+
+def test_negative_and_out_of_range_features_are_refused(toy_lm):
+    sae = load_sae("toy", 4)
+    for bad in ([-1], [1024], [1.0], [True]):
+        with pytest.raises(ValueError, match=r"is not a feature of this SAE.*0\.\.1023"):
+            feature_directions(sae, bad)
+    with pytest.raises(ValueError, match="is not a feature"):
+        neuronpedia_url(sae, -1)
+    corpus = tokenize_corpus(toy_lm.tokenizer, ["the capital of france is paris"])
+    with pytest.raises(ValueError, match="is not a feature"):
+        read_features(toy_lm, sae, 4, corpus, features=[-1])
+    with pytest.raises(ValueError, match="list of feature indices"):
+        feature_directions(sae, 5)
+
+
+def test_steering_vectors_are_checked(toy_lm, prompts):
+    batch = prompts.zero_shot
+    with pytest.raises(ValueError, match="NaN or inf"):
+        Steering(4, torch.full((128,), float("nan")))
+    with pytest.raises(ValueError, match="stack of 2 steering vectors for 6 prompts"):
+        score(toy_lm, batch, Steering(4, torch.zeros(2, 128)))
+    with pytest.raises(ValueError, match="width 64.*width 128"):
+        score(toy_lm, batch, Steering(4, torch.zeros(64)))
+    with pytest.raises(ValueError, match="shape"):
+        Steering(4, torch.zeros(2, 3, 128))
+
+
+def test_non_finite_scores_are_refused_not_returned(toy_lm, prompts):
+    head = toy_lm._module.lm_head.weight
+    saved = head[0].clone()
+    try:
+        with torch.no_grad():
+            head[0] = float("nan")             # a model whose logits are NaN
+        with pytest.raises(FloatingPointError, match="6 of 6 answer NLLs are NaN or inf"):
+            score(toy_lm, prompts.zero_shot)
+    finally:
+        with torch.no_grad():
+            head[0] = saved
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0])
+def test_batch_size_must_be_positive(toy_lm, prompts, bad):
+    batch = prompts.few_shot
+    for call in (lambda: score(toy_lm, batch, batch_size=bad),
+                 lambda: collect_residuals(toy_lm, batch.model_inputs(), [2],
+                                           batch.separator_pos, batch_size=bad),
+                 lambda: task_vectors(toy_lm, batch, [2], batch_size=bad)):
+        with pytest.raises(ValueError, match=f"batch_size must be a positive int, not {bad}"):
+            call()
+
+
+@pytest.mark.parametrize("layers,message", [([], "layers is empty"), (4, r"e\.g\. \[4\]"),
+                                            ([2, 2], "repeats a layer"),
+                                            ([9], "out of range"), (["2"], "must be an int")])
+def test_bad_layers_are_refused(toy_lm, layers, message):
+    with pytest.raises(ValueError, match=message):
+        run_task_vector_sweep(toy_lm, ["antonyms"], layers, TINY)
+
+
+def test_layers_without_an_sae_are_refused(tmp_path_factory):
+    from tvlib.models import load_model
+    from tvlib.standins import make_standin
+    folder = tmp_path_factory.mktemp("gpt2")
+    make_standin("gpt2", folder)          # SAEs at resid_pre 1..3
+    lm = load_model(str(folder), device="cpu")
+    with pytest.raises(ValueError, match=r"no SAE at resid_pre layers \[0\]"):
+        run_sae_view_sweep(lm, ["antonyms"], [0], TINY)
+
+
+def test_prompts_longer_than_the_context_are_refused(toy_lm, prompts, monkeypatch):
+    width = prompts.few_shot.input_ids.shape[1]
+    monkeypatch.setattr(toy_lm._module.config, "max_position_embeddings", width - 1)
+    with pytest.raises(ValueError, match=f"inputs of {width} tokens are longer than the model's "
+                                         f"context of {width - 1} tokens.*n_shots"):
+        score(toy_lm, prompts.few_shot)
+
+
+def test_steering_grid_and_reading_refuse_an_sae_of_another_layer(toy_lm, prompts):
+    sae3 = load_sae("toy", 3)
+    with pytest.raises(ValueError, match="reads resid_pre 3.*not resid_pre 4"):
+        steering_grid(toy_lm, {"antonyms": prompts.zero_shot}, 4, sae3, [1])
+    corpus = tokenize_corpus(toy_lm.tokenizer, ["the capital of france is paris"])
+    with pytest.raises(ValueError, match="reads resid_pre 3.*not resid_pre 4"):
+        read_features(toy_lm, sae3, 4, corpus)
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        steering_grid(toy_lm, {"antonyms": prompts.zero_shot}, 3, sae3, [1], scale=float("nan"))
+
+
+def test_importing_plotting_keeps_the_notebook_backend():
+    """In Jupyter figures show inline: tvlib must not switch the process to Agg."""
+    code = ("import matplotlib; before = matplotlib.get_backend(); import tvlib.plotting; "
+            "print(before, matplotlib.get_backend())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"MPLBACKEND": "module://matplotlib_inline.backend_inline",
+                              "PATH": ""}).stdout.split()
+    assert out == ["module://matplotlib_inline.backend_inline"] * 2
