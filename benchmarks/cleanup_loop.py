@@ -15,9 +15,8 @@ import time
 import torch
 
 from tvlib.cleanup import CleanupConfig, _activation, cleanup, initial_theta
-from tvlib.experiments import PromptConfig, build_task_prompts
+from tvlib.experiments import PromptConfig, build_task_prompts, model_tasks
 from tvlib.models import load_model, load_sae
-from tvlib.tasks import load_task
 from tvlib.taskvec import answer_nll, task_vectors
 
 
@@ -63,7 +62,8 @@ def main():
     torch.set_num_threads(2)
     lm = load_model("toy")
     sae = load_sae("toy", args.layer)
-    prompts = build_task_prompts(lm.tokenizer, load_task(args.task), PromptConfig())
+    task = model_tasks(lm, [args.task])[args.task]     # the pairs the model knows
+    prompts = build_task_prompts(lm.tokenizer, task, PromptConfig())
     tv = task_vectors(lm, prompts.few_shot, [args.layer])[0]
     cfg = CleanupConfig(max_steps=args.steps, patience=args.steps + 1, progress=False)
     timings = {"tvlib (nnsight, cached early blocks)": [], "plain PyTorch hooks": []}
