@@ -15,7 +15,7 @@ from tvlib.experiments import PromptConfig, run_sae_view_sweep
 from tvlib.models import PRESETS, get_preset, load_model, preset_to_json
 from tvlib.paths import TOY_DIR
 
-KEY = {"experiment": "sweep", "format": 2, "config": {"task": "a", "layers": [1, 2]}}
+KEY = {"experiment": "sweep", "format": 3, "config": {"task": "a", "layers": [1, 2]}}
 
 
 def table():
@@ -38,7 +38,7 @@ def entry_files(cache_dir):
 def test_rerun_reuses_finished_results(tmp_path):
     compute = Counter()
     first = cached_table(KEY, compute, tmp_path)
-    reordered = {"config": {"layers": [1, 2], "task": "a"}, "format": 2, "experiment": "sweep"}
+    reordered = {"config": {"layers": [1, 2], "task": "a"}, "format": 3, "experiment": "sweep"}
     second = cached_table(reordered, compute, tmp_path)
     assert compute.calls == 1                       # key order does not matter
     pd.testing.assert_frame_equal(first, second, check_dtype=False)
@@ -49,20 +49,21 @@ def test_rerun_reuses_finished_results(tmp_path):
     assert digest({"a": 1}) != digest({"a": 2})
 
 
-@pytest.mark.parametrize("damage", ["truncate_csv", "empty_csv", "garbage_csv", "delete_csv",
+@pytest.mark.parametrize("damage", ["truncate_table", "empty_table", "garbage_table",
+                                    "delete_table",
                                     "truncate_json", "empty_json", "other_key"])
 def test_damaged_entries_are_recomputed_with_a_warning(tmp_path, damage):
     compute = Counter()
     cached_table(KEY, compute, tmp_path)
-    csv, record = [p for p in entry_files(tmp_path) if p.suffix == ".csv"][0], \
+    csv, record = [p for p in entry_files(tmp_path) if p.suffix == ".parquet"][0], \
         [p for p in entry_files(tmp_path) if p.suffix == ".json"][0]
-    if damage == "truncate_csv":
-        csv.write_bytes(csv.read_bytes()[:-6])      # a partial table, still valid CSV
-    elif damage == "empty_csv":
+    if damage == "truncate_table":
+        csv.write_bytes(csv.read_bytes()[:-6])      # a partial table
+    elif damage == "empty_table":
         csv.write_text("")
-    elif damage == "garbage_csv":
+    elif damage == "garbage_table":
         csv.write_bytes(b"\x00\xff garbage")
-    elif damage == "delete_csv":
+    elif damage == "delete_table":
         csv.unlink()
     elif damage == "truncate_json":
         record.write_text(record.read_text()[:40])
@@ -74,8 +75,27 @@ def test_damaged_entries_are_recomputed_with_a_warning(tmp_path, damage):
         again = cached_table(KEY, compute, tmp_path)
     assert compute.calls == 2
     pd.testing.assert_frame_equal(again, table())
-    assert cached_table(KEY, compute, tmp_path).equals(pd.read_csv(csv))   # repaired
+    assert cached_table(KEY, compute, tmp_path).equals(pd.read_parquet(csv))   # repaired
     assert compute.calls == 2
+
+
+def test_a_cached_table_equals_the_computed_one(tmp_path):
+    """Strings that look like numbers or NA, booleans, empty parts: read back unchanged."""
+    odd = pd.DataFrame({"task": ["NA", "01", "1e3", "null"], "flag": [True, False, True, False],
+                        "l0": [None, 3, None, 4]})
+    compute = lambda: {"scores": odd, "features": pd.DataFrame()}   # noqa: E731
+    first = cached_tables(KEY, compute, tmp_path)
+    again = cached_tables(KEY, lambda: pytest.fail("recomputed"), tmp_path)
+    for part in ("scores", "features"):
+        pd.testing.assert_frame_equal(first[part], again[part])
+    assert again["scores"].task.tolist() == ["NA", "01", "1e3", "null"]
+    assert again["scores"].flag.tolist() == [True, False, True, False]
+
+
+def test_numpy_scalars_are_keyed_like_numbers():
+    import numpy as np
+    assert digest({"steps": np.int64(2), "lam": np.float32(0.5)}) == digest({"steps": 2,
+                                                                           "lam": 0.5})
 
 
 def test_unwritable_cache_warns_and_returns_the_result(tmp_path):
@@ -107,7 +127,7 @@ def test_failed_compute_writes_nothing(tmp_path):
 
     with pytest.raises(ValueError):
         cached_table(KEY, compute, tmp_path)
-    assert not any(tmp_path.rglob("*.csv"))
+    assert not any(tmp_path.rglob("*.parquet"))
 
 
 @pytest.fixture()

@@ -38,7 +38,7 @@ def test_notebook_smoke(notebook: Path, preset, tmp_path, monkeypatch, request):
         figures = list((tmp_path / "figures").glob(f"{notebook.stem}*.{suffix}"))
         assert figures and all(f.stat().st_size > 1000 for f in figures)
     # the second run reads every result from the cache
-    tables = list((tmp_path / "cache").rglob("*.csv"))
+    tables = list((tmp_path / "cache").rglob("*.parquet"))
     assert tables
     check_outputs(tmp_path / notebook.name)
 

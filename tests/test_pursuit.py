@@ -58,7 +58,7 @@ def test_single_vector_and_errors():
     assert gradient_pursuit(torch.randn(32), D, 4).weights.shape == (1, 64)
     with pytest.raises(ValueError, match="width 31"):
         gradient_pursuit(torch.randn(2, 31), D, 4)
-    with pytest.raises(ValueError, match="target_l0 must be between 1 and 64"):
+    with pytest.raises(ValueError, match="target_l0 must be an int between 1 and 64"):
         gradient_pursuit(torch.randn(2, 32), D, 0)
 
 

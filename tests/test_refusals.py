@@ -133,3 +133,106 @@ def test_importing_plotting_keeps_the_notebook_backend():
                          env={"MPLBACKEND": "module://matplotlib_inline.backend_inline",
                               "PATH": ""}).stdout.split()
     assert out == ["module://matplotlib_inline.backend_inline"] * 2
+
+
+# ---- found by probing the public API as a new user would
+
+def test_a_batch_without_answers_is_not_scored_as_perfect(toy_lm):
+    from tvlib.prompts import get_format, render, tokenize_prompts
+    batch = tokenize_prompts(toy_lm.tokenizer, [render(get_format("authors"), [], "hot", "cold",
+                                                       with_answer=False)])
+    with pytest.raises(ValueError, match="1 of 1 prompts have no answer to score"):
+        score(toy_lm, batch)
+
+
+def test_steering_matrix_keys_and_labels_follow_features_by_task(toy_lm, tmp_path, monkeypatch):
+    from tvlib.experiments import own_feature_wins, run_steering_matrix
+    monkeypatch.setattr("tvlib.cache.CACHE_DIR", tmp_path)
+    first = run_steering_matrix(toy_lm, ["antonyms", "en_es"], 4,
+                                {"antonyms": [45, 322], "en_es": []}, TINY)
+    second = run_steering_matrix(toy_lm, ["antonyms", "en_es"], 4,
+                                 {"antonyms": [45], "en_es": [322]}, TINY)
+    label = lambda grid, f: set(grid[grid.feature == f].feature_task)   # noqa: E731
+    assert label(first, 322) == {"antonyms"} and label(second, 322) == {"en_es"}
+    shared = run_steering_matrix(toy_lm, ["antonyms", "en_es"], 4,
+                                 {"antonyms": [45], "en_es": [45]}, TINY)
+    assert label(shared, 45) == {"antonyms+en_es"}
+    wins = own_feature_wins(shared)                # the one feature counts for both rows
+    for task in ("antonyms", "en_es"):
+        assert wins[task] == bool(shared[shared.task == task].relative_change.item() < 0)
+
+
+def test_cleanup_report_refuses_repeated_rows(toy_lm):
+    import pandas as pd
+    from tvlib.experiments import cleanup_report
+    rows = [{"task": "a", "layer": 4, "method": m, "nll": 1.0, "l0": 3}
+            for m in ("TV", "Recon of TV", "cleaned TV")]
+    with pytest.raises(ValueError, match="rows repeat a \\(task, layer, method\\)"):
+        cleanup_report(pd.DataFrame(rows + rows))
+
+
+def test_preset_json_never_reads_folders_from_the_working_directory(tmp_path, monkeypatch):
+    import dataclasses
+    from tvlib.models import PRESETS, get_preset, preset_to_json
+    (tmp_path / "elsewhere" / "saes").mkdir(parents=True)
+    (tmp_path / "alone").mkdir()
+    preset = dataclasses.replace(PRESETS["toy"], sae_dir="saes")
+    preset_to_json(preset, tmp_path / "alone" / "preset.json")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(FileNotFoundError, match="names sae_dir 'saes', which is not in"):
+        get_preset(tmp_path / "alone")
+
+
+def test_standins_never_overwrite_a_folder(tmp_path):
+    from tvlib.standins import make_standin
+    (tmp_path / "keep.txt").write_text("a researcher's notes")
+    with pytest.raises(FileExistsError, match="is not empty"):
+        make_standin("gpt2", tmp_path)
+    assert (tmp_path / "keep.txt").read_text() == "a researcher's notes"
+    with pytest.raises(ValueError, match="n_layers >= 2"):
+        make_standin("gpt2", tmp_path / "new", n_layers=1)
+
+
+def test_more_bad_values_are_refused(toy_lm, prompts):
+    from tvlib.cleanup import CleanupConfig, cleanup
+    from tvlib.features import corpus_texts
+    from tvlib.models import load_model
+    from tvlib.pursuit import gradient_pursuit
+    from tvlib.sae_views import recon_of_tv
+    sae = load_sae("toy", 4)
+    with pytest.raises(ValueError, match="n_texts must be a positive int"):
+        corpus_texts("toy", n_texts=-1)
+    with pytest.raises(ValueError, match="no SAE reading resid_pre True"):
+        load_sae("toy", True)
+    with pytest.raises(ValueError, match="dtype 'float33'"):
+        load_model("toy", device="cpu", dtype="float33")
+    with pytest.raises(ValueError, match="target_l0 must be an int"):
+        gradient_pursuit(torch.randn(128), sae.W_dec, 5.0)
+    with pytest.raises(ValueError, match="shape \\(64,\\).*width 128"):
+        recon_of_tv(sae, torch.randn(64), 4)
+    with pytest.raises(ValueError, match="CleanupConfig.lam=True"):
+        CleanupConfig(lam=True)
+    tv = torch.randn(128)
+    with pytest.raises(ValueError, match="pursuit_l0=5000 is more than this SAE's 1024"):
+        cleanup(toy_lm, sae, 4, tv, prompts.train, cfg=CleanupConfig(init="pursuit",
+                                                                     pursuit_l0=5000))
+    with pytest.raises(ValueError, match="non-empty set of token ids"):
+        score(toy_lm, prompts.zero_shot, keep_logits=True).filtered_accuracy([])
+
+
+def test_a_feature_with_no_direction_is_refused():
+    sae = load_sae("toy", 4)
+    with torch.no_grad():
+        sae.W_dec[45] = 0
+    with pytest.raises(ValueError, match="features \\[45\\] have an all-zero decoder row"):
+        feature_directions(sae, [45])
+
+
+def test_lambda_sweep_takes_a_task_path(toy_lm, tmp_path, monkeypatch):
+    from tvlib.cleanup import CleanupConfig
+    from tvlib.experiments import lambda_sweep
+    from tvlib.paths import TASKS_DIR
+    monkeypatch.setattr("tvlib.cache.CACHE_DIR", tmp_path)
+    quick = CleanupConfig(max_steps=2, patience=2, progress=False)
+    sweep = lambda_sweep(toy_lm, str(TASKS_DIR / "antonyms.json"), 4, [0.01], TINY, quick)
+    assert sweep.task.tolist() == ["antonyms"]

@@ -8,10 +8,12 @@ libraries that compute, and ``RESULT_FORMAT``. Any change to one of them is a
 different entry: a cache never serves numbers computed from other weights, SAEs
 or settings.
 
-An entry is ``{cache_dir}/{experiment}/{hash}.{part}.csv`` beside
+An entry is ``{cache_dir}/{experiment}/{hash}.{part}.parquet`` beside
 ``{hash}.json``, the record, written last: it holds the full key and the
-SHA-256 of each table file. Reading checks both; a damaged or incomplete entry
-is reported with a warning and recomputed. Writes go to a temporary file that
+SHA-256 of each table file. Parquet keeps every column's type, so a table read
+back equals the one computed (a first run returns the stored form too). Reading
+checks the record and the hashes; a damaged or incomplete entry is reported
+with a warning naming its file and recomputed. Writes go to a temporary file that
 is renamed into place; if the cache cannot be written, the result is still
 returned, with a warning.
 """
@@ -35,8 +37,8 @@ from .paths import CACHE_DIR
 
 # Bump when a change to tvlib changes the numbers an experiment produces for the
 # same model, SAEs and configuration: older entries are then never read.
-RESULT_FORMAT = 2
-LIBRARIES = ("torch", "transformers", "nnsight", "sae-lens")
+RESULT_FORMAT = 3
+LIBRARIES = ("torch", "transformers", "tokenizers", "nnsight", "sae-lens")
 
 
 class CacheWarning(UserWarning):
@@ -56,6 +58,8 @@ def _canonical(obj) -> str:
             return sorted(value)
         if isinstance(value, Path):
             return str(value)
+        if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+            return value.item()            # numpy and torch scalars
         raise TypeError(f"cannot put {type(value).__name__} {value!r} into a cache key")
     return json.dumps(obj, sort_keys=True, default=plain)
 
@@ -161,24 +165,32 @@ def _read_entry(folder: Path, name: str, key: dict) -> dict[str, pd.DataFrame] |
         raise ValueError(f"{record_path} holds another key")
     tables = {}
     for part, expected in parts.items():
-        path = folder / f"{name}.{part}.csv"
+        path = folder / f"{name}.{part}.parquet"
         try:
             data = path.read_bytes()
         except OSError as err:
             raise ValueError(f"{path} cannot be read ({err})") from None
         if hashlib.sha256(data).hexdigest() != expected:
             raise ValueError(f"{path} does not match its record (truncated or edited)")
-        tables[part] = pd.read_csv(io.BytesIO(data))
+        tables[part] = _from_bytes(data)
     return tables
 
 
-def _write_entry(folder: Path, name: str, key: dict, tables: dict[str, pd.DataFrame]) -> None:
-    hashes = {}
-    for part, table in tables.items():
-        data = table.to_csv(index=False).encode()
-        hashes[part] = hashlib.sha256(data).hexdigest()
-        write_atomic(folder / f"{name}.{part}.csv", lambda p, d=data: p.write_bytes(d))
+def _to_bytes(table: pd.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    table.to_parquet(buffer, index=False)
+    return buffer.getvalue()
+
+
+def _from_bytes(data: bytes) -> pd.DataFrame:
+    return pd.read_parquet(io.BytesIO(data))
+
+
+def _write_entry(folder: Path, name: str, key: dict, stored: dict[str, bytes]) -> None:
+    for part, data in stored.items():
+        write_atomic(folder / f"{name}.{part}.parquet", lambda p, d=data: p.write_bytes(d))
     # the record is written last: it marks the entry complete
+    hashes = {part: hashlib.sha256(data).hexdigest() for part, data in stored.items()}
     record = json.dumps({"key": key, "parts": hashes}, indent=2, sort_keys=True)
     write_atomic(folder / f"{name}.json", lambda p: p.write_text(record))
 
@@ -202,8 +214,14 @@ def cached_tables(key: dict, compute: Callable[[], dict[str, pd.DataFrame]],
         if stored is not None:
             return stored
     tables = compute()
+    if not isinstance(tables, dict) or not all(isinstance(t, pd.DataFrame)
+                                               for t in tables.values()):
+        raise TypeError(f"the computation of {key['experiment']!r} must return a dict of "
+                        f"DataFrames, not {type(tables).__name__}")
+    stored = {part: _to_bytes(table) for part, table in tables.items()}
+    tables = {part: _from_bytes(data) for part, data in stored.items()}   # as a re-run reads them
     try:
-        _write_entry(folder, name, key, tables)
+        _write_entry(folder, name, key, stored)
     except OSError as err:
         warnings.warn(f"could not write the result to the cache {folder} ({err}); the "
                       "result is returned but not cached. Set TVLIB_CACHE_DIR to a writable "

@@ -76,7 +76,7 @@ from .models import (blocks, check_layer, check_sae_site, model_device, model_dt
                      require_local, to_model, trace)
 from .prompts import PromptBatch
 from .pursuit import SELECTIONS, gradient_pursuit
-from .taskvec import (Steering, answer_nll, apply_steering, collect_residuals,
+from .taskvec import (Steering, answer_nll, apply_steering, check_scored, collect_residuals,
                       logits_at_targets, score)
 
 INITS = ("encoder", "pursuit")
@@ -105,10 +105,12 @@ class CleanupConfig:
         def is_int(value):
             return isinstance(value, Integral) and not isinstance(value, bool)
 
-        if not (isinstance(self.lam, Real) and math.isfinite(self.lam) and self.lam >= 0):
+        if isinstance(self.lam, bool) or not (isinstance(self.lam, Real)
+                                              and math.isfinite(self.lam) and self.lam >= 0):
             _refuse("lam", self.lam, "the L1 coefficient must be a finite number >= 0",
                     "pass e.g. lam=0.02 (0 turns the penalty off)")
-        if not (isinstance(self.lr, Real) and math.isfinite(self.lr) and self.lr > 0):
+        if isinstance(self.lr, bool) or not (isinstance(self.lr, Real)
+                                             and math.isfinite(self.lr) and self.lr > 0):
             _refuse("lr", self.lr, "Adam's learning rate must be a finite number > 0",
                     "pass e.g. lr=0.01")
         for name in ("max_steps", "patience", "pursuit_l0"):
@@ -246,6 +248,10 @@ def cleanup(lm, sae, layer: int, tv: torch.Tensor, train: PromptBatch,
     if not torch.isfinite(tv).all():
         raise ValueError(f"tv holds {int((~torch.isfinite(tv)).sum())} NaN or infinite values: "
                          "pass a finite task vector (NaN comes from prompts with no separator)")
+    check_scored(train)
+    if cfg.init == "pursuit" and cfg.pursuit_l0 > sae.cfg.d_sae:
+        raise ValueError(f"CleanupConfig.pursuit_l0={cfg.pursuit_l0} is more than this SAE's "
+                         f"{sae.cfg.d_sae} features: lower it (the authors used 7)")
     torch.manual_seed(seed)
     act = _activation(sae, cfg.activation)
     theta0 = initial_theta(sae, tv, cfg.init, cfg.pursuit_l0, cfg.pursuit_selection,

@@ -8,6 +8,7 @@ Every table has one row per (task, method, layer) with columns ``nll``,
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from dataclasses import asdict, dataclass, replace
 
 import pandas as pd
@@ -21,7 +22,7 @@ from .prompts import get_format
 from .sae_views import decode, encode, ito, recon_of_tv, tv_on_recon
 from .steering import steering_grid
 from .taskvec import Steering, collect_residuals, detector_vectors, score, task_vectors
-from .tasks import Task, TaskDataError, load_tasks
+from .tasks import Task, TaskDataError, load_task
 
 
 @dataclass(frozen=True)
@@ -63,10 +64,21 @@ class TaskPrompts:
     detector_train: PromptBatch  # the same on the optimisation pairs
 
 
-def model_tasks(lm, names) -> dict[str, Task]:
-    """Load tasks, keeping only the pairs the model's preset knows (all, for real models)."""
-    return {name: task.head(lm.preset.max_pairs_per_task)
-            for name, task in load_tasks(names).items()}
+def model_tasks(lm, tasks) -> dict[str, Task]:
+    """Tasks by name or path, or as loaded ``Task`` objects (e.g. ``load_task(path,
+    duplicates="first")``), keeping only the pairs the model's preset knows (all,
+    for real models)."""
+    if isinstance(tasks, (str, Path, Task)) or not hasattr(tasks, "__iter__"):
+        raise TaskDataError(f"tasks must be a list, e.g. ['antonyms'], not {tasks!r}")
+    tasks = [t if isinstance(t, Task) else load_task(t) for t in tasks]
+    if not tasks:
+        raise TaskDataError("no tasks given: pass at least one task name, e.g. ['antonyms']")
+    by_name = {}
+    for task in tasks:
+        if task.name in by_name:
+            raise TaskDataError(f"task {task.name!r} is given twice: list each task once")
+        by_name[task.name] = task.head(lm.preset.max_pairs_per_task)
+    return by_name
 
 
 def sae_layers(lm, layers) -> list[int]:
@@ -351,6 +363,9 @@ def run_detector_sweep(lm, tasks, layers=None, prompt_cfg: PromptConfig | None =
 def earliest_effective_layer(scores: pd.DataFrame, method: str, baseline: str,
                              min_gain: float = 0.2) -> pd.Series:
     """Per task, the first layer where ``method`` lowers the baseline NLL by ``min_gain`` (relative)."""
+    for name in (method, baseline):
+        if name not in set(scores.method):
+            raise ValueError(f"no rows of method {name!r}; the table has {sorted(set(scores.method))}")
     out = {}
     for task, group in scores.groupby("task", sort=False):
         base = group[group.method == baseline].nll.iloc[0]
@@ -374,16 +389,22 @@ def run_steering_matrix(lm, tasks, layer: int, features_by_task: dict[str, list]
 
     Task features are added at the separator of zero-shot prompts; with
     ``detectors`` at ``Y`` of one-shot detector prompts. ``feature_task`` names the
-    task whose cleaned vector the feature came from.
+    task(s) whose cleaned vector the feature came from, joined by "+" when a
+    feature was kept for several tasks.
     """
     prompt_cfg = prompt_cfg or PromptConfig()
     check_layers(lm, [layer])
     loaded = model_tasks(lm, tasks)
+    if not isinstance(features_by_task, dict):
+        raise ValueError("features_by_task must be a dict {task: [features]}, e.g. the output "
+                         f"of top_cleaned_features, not {type(features_by_task).__name__}")
+    features_by_task = {task: list(fs) for task, fs in features_by_task.items()}
     features = list(dict.fromkeys(f for fs in features_by_task.values() for f in fs))
+    origin = {f: "+".join(t for t, fs in features_by_task.items() if f in fs) for f in features}
     key = result_key("steering_matrix", lm, [layer], tasks={n: digest(t) for n, t in
                                                             loaded.items()},
-                     layer=layer, features=features, scale=scale, detectors=detectors,
-                     prompts=prompt_cfg)
+                     layer=layer, features_by_task=features_by_task, scale=scale,
+                     detectors=detectors, prompts=prompt_cfg)
 
     def compute():
         batches = {}
@@ -391,9 +412,7 @@ def run_steering_matrix(lm, tasks, layer: int, features_by_task: dict[str, list]
             prompts = build_task_prompts(lm.tokenizer, task, prompt_cfg)
             batches[name] = prompts.detector_eval if detectors else prompts.zero_shot
         sae = load_sae(lm.preset, layer)
-        check_sae_site(sae, lm, layer)
         grid = steering_grid(lm, batches, layer, sae, features, scale)
-        origin = {f: t for t, fs in features_by_task.items() for f in fs}
         grid["feature_task"] = grid.feature.map(origin)
         return grid
 
@@ -405,7 +424,7 @@ def own_feature_wins(grid: pd.DataFrame) -> pd.Series:
     out = {}
     for task, row in grid.groupby("task", sort=False):
         best = row.loc[row.relative_change.idxmin()]
-        out[task] = bool(best.feature_task == task and best.relative_change < 0)
+        out[task] = bool(task in best.feature_task.split("+") and best.relative_change < 0)
     return pd.Series(out, name="own feature is the strongest decrease")
 
 
@@ -419,6 +438,12 @@ def cleanup_report(scores: pd.DataFrame, label: str = "TV") -> pd.DataFrame:
                          "pass the scores of one cleaning sweep")
     start = starts[0]
     start_name = "SAE encoding" if start.startswith("Recon") else start.removesuffix(f" of {label}")
+    repeated = layered.duplicated(["task", "layer", "method"])
+    if repeated.any():
+        first = layered[repeated].iloc[0]
+        raise ValueError(f"{int(repeated.sum())} rows repeat a (task, layer, method), e.g. "
+                         f"({first.task!r}, {first.layer}, {first.method!r}): pass the scores of "
+                         "one sweep (tables from several sweeps would be averaged)")
     table = layered.pivot_table(index=["task", "layer"], columns="method",
                                 values=["nll", "l0"], sort=False)
     report = pd.DataFrame({
@@ -436,7 +461,7 @@ def lambda_sweep(lm, task, layer: int, lams, prompt_cfg: PromptConfig | None = N
     """Held-out NLL and active features of the cleaned TV for several lambdas (cached)."""
     prompt_cfg = prompt_cfg or PromptConfig()
     check_layers(lm, [layer])
-    task = model_tasks(lm, [task])[task] if isinstance(task, str) else task
+    task = next(iter(model_tasks(lm, [task]).values()))
     lams = list(lams) if hasattr(lams, "__iter__") else lams
     if not isinstance(lams, list) or not lams:
         raise ValueError(f"lams must be a non-empty list of lambdas, e.g. [0.01, 0.1], not "
@@ -487,6 +512,9 @@ def run_per_task(experiment: str, lm, tasks, prompt_cfg: PromptConfig, settings:
 
 def summarise_sweep(results: pd.DataFrame, layered_method: str = "TV") -> pd.DataFrame:
     """Per task: the baselines and ``layered_method`` at its best (lowest-NLL) layer."""
+    if layered_method not in set(results.method):
+        raise ValueError(f"no rows of method {layered_method!r}; the table has "
+                         f"{sorted(set(results.method))}")
     rows = []
     for task, group in results.groupby("task", sort=False):
         row = {"task": task}

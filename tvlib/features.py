@@ -28,6 +28,8 @@ def corpus_texts(preset, n_texts: int = 2000) -> list[str]:
     """
     from .models import get_preset
     preset = get_preset(preset)
+    if isinstance(n_texts, bool) or not isinstance(n_texts, int) or n_texts < 1:
+        raise ValueError(f"n_texts must be a positive int, not {n_texts!r}")
     if preset.corpus is None:
         raise ValueError(f"preset {preset.name!r} names no corpus: pass your own list of texts "
                          "to tokenize_corpus (e.g. a slice of a pretraining dataset)")
@@ -76,6 +78,9 @@ def read_features(lm, sae, layer: int, corpus: dict, features=(), k: int = 8,
         raise ValueError(f"k (contexts per feature) must be a positive int, not {k!r}")
     check_batch_size(batch_size)
     inputs, counted = corpus["inputs"], corpus["counted"]
+    if not counted.any():
+        raise ValueError("the corpus has no tokens to count (every token is BOS or padding): "
+                         "pass texts with words in them")
     n_docs, width = inputs["input_ids"].shape
     fires = torch.zeros(sae.cfg.d_sae)
     best_vals = torch.full((len(features), k), -torch.inf)

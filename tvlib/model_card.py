@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from .cache import write_atomic
-from .models import load_model, load_sae
+from .models import check_sae_site, load_model, load_sae
 from .paths import TOY_DIR
 from .prompts import few_shot_prompts, tokenize_prompts, zero_shot_prompts
 from .taskvec import Steering, collect_residuals, score, task_vectors
@@ -101,8 +101,10 @@ def _subset_accuracy(scores, mask: torch.Tensor) -> float | None:
     return scores.correct[mask].float().mean().item() if mask.any() else None
 
 
-def measure_saes(lm, cfg: CardConfig, toy_cfg: ToyConfig, preset="toy") -> list:
-    """FVU, L0 and dead fraction of each layer's SAE on fresh text."""
+def measure_saes(lm, cfg: CardConfig, toy_cfg: ToyConfig, preset=None) -> list:
+    """FVU, L0 and dead fraction of each layer's SAE on fresh text (default: the SAEs of
+    the model's own preset; each is checked to read its layer of this model)."""
+    preset = lm.preset if preset is None else preset
     docs = generate_documents(toy_cfg, cfg.sae_eval_documents, cfg.sae_eval_seed)
     ids = pack(lm.tokenizer, docs, toy_cfg.context)                    # (N, T)
     positions = torch.arange(ids.shape[1]).expand_as(ids)
@@ -112,6 +114,7 @@ def measure_saes(lm, cfg: CardConfig, toy_cfg: ToyConfig, preset="toy") -> list:
     out = []
     for i, layer in enumerate(toy_cfg.sae_layers):
         sae = load_sae(preset, layer)
+        check_sae_site(sae, lm, layer)
         x = resid[i][keep]                                             # (n_tokens, d)
         with torch.no_grad():
             f = sae.encode(x)

@@ -116,8 +116,15 @@ def preset_from_json(path: Path) -> Preset:
     fields["sae_layers"] = tuple(fields["sae_layers"])
     for key in ("model_id", "sae_dir", "corpus"):
         value = fields.get(key)
-        if value and not Path(value).is_absolute() and (path.parent / value).exists():
+        if not value or Path(value).is_absolute():
+            continue
+        if (path.parent / value).exists():
             fields[key] = str(path.parent / value)
+        elif key == "sae_dir" or Path(value).exists():
+            # never read a folder of the same name from wherever Python was started
+            raise FileNotFoundError(
+                f"{path} names {key} {value!r}, which is not in {path.parent}: copy the "
+                "whole preset folder, or write an absolute path")
     return Preset(**fields)
 
 
@@ -154,6 +161,8 @@ def load_model(preset: str | Preset, device: str | None = None, device_map: str 
         device = device or default_device()
         on_cpu = device == "cpu" and device_map is None
         dtype = dtype or ("float32" if on_cpu else preset.dtype_cuda)
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype {dtype!r} is not one of 'float32', 'bfloat16', 'float16'")
         lm = TransformersModel(preset.model_id, task="text-generation",
                                device_map=device_map or device, dtype=getattr(torch, dtype),
                                dispatch=True)
@@ -310,7 +319,7 @@ def sae_source(preset: str | Preset, layer: int) -> tuple[Path, str]:
     """(folder holding the SAE's files, its id) for resid_pre ``layer``; downloads if needed."""
     preset = get_preset(preset)
     available = preset.resid_pre_layers_with_sae()
-    if layer not in available:
+    if isinstance(layer, bool) or not isinstance(layer, Integral) or layer not in available:
         raise ValueError(f"preset {preset.name!r} has no SAE reading resid_pre {layer}; "
                          f"SAEs exist at resid_pre layers {list(available)}")
     block = layer - 1 if preset.sae_site == "resid_post" else layer

@@ -401,6 +401,8 @@ def tokenize_prompts(tokenizer, prompts: Sequence[Prompt], n_first: int = 2) -> 
     """Tokenise once, check every prompt's tokens and locate separators, answers and
     scored tokens by offsets. Refused (naming the task and pair): an unknown token
     anywhere, scored tokens that are not the answer's own text."""
+    if not isinstance(prompts, Prompt) and hasattr(prompts, "__iter__"):
+        prompts = list(prompts)
     if isinstance(prompts, Prompt) or not prompts:
         raise TaskDataError("tokenize_prompts needs a non-empty list of prompts; build them "
                             "with few_shot_prompts / zero_shot_prompts / detector_prompts")

@@ -81,11 +81,16 @@ def gradient_pursuit(x: torch.Tensor, dictionary: torch.Tensor, target_l0: int,
                          "(argmax over all features, the authors' rule)")
     if x.dim() == 1:
         x = x.unsqueeze(0)
+    if x.dim() != 2 or dictionary.dim() != 2:
+        raise ValueError(f"x must have shape (d,) or (B, d) and the dictionary (F, d), not "
+                         f"{tuple(x.shape)} and {tuple(dictionary.shape)}")
     if x.shape[-1] != dictionary.shape[-1]:
         raise ValueError(f"vectors have width {x.shape[-1]} but the dictionary's features have "
                          f"width {dictionary.shape[-1]}")
-    if not 1 <= target_l0 <= dictionary.shape[0]:
-        raise ValueError(f"target_l0 must be between 1 and {dictionary.shape[0]}, got {target_l0}")
+    if isinstance(target_l0, bool) or not isinstance(target_l0, int) \
+            or not 1 <= target_l0 <= dictionary.shape[0]:
+        raise ValueError(f"target_l0 must be an int between 1 and {dictionary.shape[0]} (the "
+                         f"dictionary's features), not {target_l0!r}")
     for name, tensor in (("x", x), ("dictionary", dictionary)):
         if not torch.isfinite(tensor).all():
             raise ValueError(f"{name} holds {int((~torch.isfinite(tensor)).sum())} NaN or "

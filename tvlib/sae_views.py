@@ -41,9 +41,17 @@ def check_features(sae, features) -> list[int]:
     return checked
 
 
+def _check_width(sae, x: torch.Tensor, what: str = "vector") -> None:
+    if not isinstance(x, torch.Tensor) or x.shape[-1] != sae.cfg.d_in:
+        shape = tuple(getattr(x, "shape", ()))
+        raise ValueError(f"the {what} has shape {shape}, but this SAE reads vectors of width "
+                         f"{sae.cfg.d_in}: use the SAE made for this model")
+
+
 @torch.no_grad()
 def encode(sae, x: torch.Tensor) -> torch.Tensor:
     """The SAE code of ``x`` (..., d) from any device: (..., F) float32 on the CPU."""
+    _check_width(sae, x)
     return sae.encode(x.to(sae.W_dec)).float().cpu()
 
 
@@ -57,6 +65,7 @@ def decode(sae, weights: torch.Tensor) -> torch.Tensor:
 def recon_of_tv(sae, tv: torch.Tensor, layer: int) -> torch.Tensor:
     """``decode(encode(tv))`` for a TV read at resid_pre ``layer``: (d,) or (B, d) in and out."""
     check_sae_site(sae, None, layer)
+    _check_width(sae, tv, "task vector")
     return sae.decode(sae.encode(tv.to(sae.W_dec))).float().cpu()
 
 
@@ -68,6 +77,7 @@ def tv_on_recon(sae, separator_resid: torch.Tensor, layer: int) -> torch.Tensor:
     prompt has no separator (as returned by ``collect_residuals``). Returns (d,).
     """
     check_sae_site(sae, None, layer)
+    _check_width(sae, separator_resid, "residual tensor")
     present = ~separator_resid.isnan().any(-1)                      # (B, S)
     h = separator_resid[present].to(sae.W_dec)                      # (n, d)
     return sae.decode(sae.encode(h)).mean(0).float().cpu()
@@ -83,6 +93,7 @@ def ito(sae, tv: torch.Tensor, layer: int, target_l0: int = 40, subtract_b_dec: 
     subtracted first) and the pursuit result (weights, errors, pick order).
     """
     check_sae_site(sae, None, layer)
+    _check_width(sae, tv, "task vector")
     D = sae.W_dec.float()                                           # (F, d), on the SAE's device
     b_dec = sae.b_dec.float() if subtract_b_dec else 0
     result = gradient_pursuit(tv.to(D) - b_dec, D, target_l0, step=step, selection=selection)

@@ -89,6 +89,12 @@ def make_standin(preset_name: str, out_dir: str | Path, n_layers: int = 4, d_mod
         raise ValueError(f"no stand-in for preset {preset_name!r}; those are {sorted(ARCHITECTURES)}")
     real = PRESETS[preset_name]
     out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} is not empty: a stand-in is written into a new or "
+                              "empty folder only, so that nothing in it is overwritten")
+    if n_layers < 2 or d_model % 4:
+        raise ValueError(f"a stand-in needs n_layers >= 2 and d_model divisible by 4 (4 "
+                         f"heads), not n_layers={n_layers}, d_model={d_model}")
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
 

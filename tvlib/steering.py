@@ -9,10 +9,11 @@ feature and each copy gets its own vector.
 
 from __future__ import annotations
 
+import math
+from numbers import Real
+
 import pandas as pd
 import torch
-
-import math
 
 from .models import check_sae_site
 from .prompts import PromptBatch
@@ -22,9 +23,15 @@ from .taskvec import Steering, score
 
 def feature_directions(sae, features) -> torch.Tensor:
     """(n_features, d) unit decoder directions."""
-    rows = torch.as_tensor(check_features(sae, features), dtype=torch.long, device=sae.W_dec.device)
-    W = sae.W_dec.detach()[rows].float().cpu()
-    return W / W.norm(dim=-1, keepdim=True)
+    features = check_features(sae, features)
+    rows = torch.as_tensor(features, dtype=torch.long, device=sae.W_dec.device)
+    W = sae.W_dec.detach()[rows].float().cpu()                             # (n, d)
+    norms = W.norm(dim=-1, keepdim=True)
+    if (norms == 0).any():
+        dead = [f for f, n in zip(features, norms.flatten().tolist()) if n == 0]
+        raise ValueError(f"features {dead} have an all-zero decoder row: they have no "
+                         "direction to steer with; leave them out")
+    return W / norms
 
 
 def repeat_batch(batch: PromptBatch, times: int) -> PromptBatch:
@@ -82,9 +89,9 @@ def _check_grid(lm, batches, layer: int, sae, features, scale: float) -> list[in
     features = check_features(sae, features)
     if not features:
         raise ValueError("no features to steer with: pass at least one feature index")
-    if not batches:
-        raise ValueError("no prompt batches: pass {task name: PromptBatch}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if not isinstance(batches, dict) or not batches:
+        raise ValueError("batches must be a non-empty dict {task name: PromptBatch}")
+    if isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number (the writeup: 20 for task features, "
                          f"25 for detectors), not {scale!r}")
     return features

@@ -70,6 +70,10 @@ class Scores:
         if self.first_logits is None:
             raise ValueError("scores were computed without logits: call score(..., "
                              "keep_logits=True)")
+        allowed_tokens = torch.as_tensor(allowed_tokens, dtype=torch.long)
+        vocab = self.first_logits.shape[-1]
+        if allowed_tokens.numel() == 0 or allowed_tokens.min() < 0 or allowed_tokens.max() >= vocab:
+            raise ValueError(f"allowed_tokens must be a non-empty set of token ids 0..{vocab - 1}")
         masked = torch.full_like(self.first_logits, float("-inf"))
         masked[:, allowed_tokens] = self.first_logits[:, allowed_tokens]
         return (masked.argmax(-1) == self.first_targets).float().mean().item()
@@ -124,6 +128,7 @@ def score(lm, batch: PromptBatch, steering: Steering | None = None,
     ``Scores.filtered_accuracy``; off by default, as V can be 256k.
     """
     check_batch_size(batch_size)
+    check_scored(batch)
     if steering is not None:
         steering.check_fits(batch, steering.vector.shape[-1])   # rows; width checked in trace
     parts = []
@@ -146,6 +151,17 @@ def score(lm, batch: PromptBatch, steering: Steering | None = None,
             "or inf: the model's logits are not finite (a steering vector far too large, or "
             "a float16 overflow: use float32 or bfloat16)")
     return Scores(**joined, first_logits=logits)
+
+
+def check_scored(batch: PromptBatch) -> None:
+    """Fail unless every prompt of ``batch`` has an answer token to score."""
+    missing = (batch.target_pos[:, 0] < 0).nonzero().flatten().tolist()
+    if missing:
+        text = batch.prompts[missing[0]].text
+        raise ValueError(
+            f"{len(missing)} of {len(batch)} prompts have no answer to score (e.g. {text!r}): "
+            "build them with the answer in the text (render(..., with_answer=True), as "
+            "few_shot_prompts and zero_shot_prompts do)")
 
 
 def check_batch_size(batch_size: int) -> None:
