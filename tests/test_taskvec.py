@@ -131,3 +131,17 @@ def test_logits_are_kept_only_on_request(toy_lm, zero):
     assert kept.filtered_accuracy(torch.arange(len(toy_lm.tokenizer))) == kept.accuracy()
     with pytest.raises(ValueError, match="keep_logits=True"):
         score(toy_lm, zero).filtered_accuracy(torch.tensor([1]))
+
+
+def test_logits_only_at_scored_positions_match_full_logits(toy_lm):
+    """The unembedding runs on the last scored_window positions only; same numbers."""
+    from tvlib.prompts import zero_shot_prompts
+    from tvlib.taskvec import answer_nll, scored_window
+    batch = tokenize_prompts(toy_lm.tokenizer, zero_shot_prompts(
+        [("hot", "cold"), ("france", "north america"), ("up", "down")], task="mixed"))
+    window = scored_window(batch)
+    assert window == 3          # two answer tokens predicted from the last three positions
+    logits = toy_lm._module(**batch.model_inputs()).logits                     # (B, T, V)
+    rows = torch.arange(len(batch)).unsqueeze(-1)
+    full = answer_nll(logits[rows, (batch.target_pos - 1).clamp(min=0)], batch.targets)
+    torch.testing.assert_close(score(toy_lm, batch).nll, full, atol=1e-5, rtol=1e-5)

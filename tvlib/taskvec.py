@@ -100,10 +100,24 @@ def score_logits(logits_at_targets: torch.Tensor, targets: torch.Tensor,
     return Scores(nll, correct, targets[:, 0], first if keep_logits else None)
 
 
-def logits_at_targets(lm, batch: PromptBatch) -> torch.Tensor:
-    """Inside a trace: (B, n_first, V) logits predicting each scored answer token."""
+def scored_window(batch: PromptBatch) -> int:
+    """K such that the last K positions hold every logit predicting a scored token.
+
+    Answers end their prompts and rows are left-padded, so K is about n_first + 1:
+    a trace opened with ``logits_to_keep=K`` runs the final norm and unembedding
+    on K positions instead of all T (a 262k-token vocabulary makes that the
+    largest cost of a step on small real models).
+    """
+    scored = batch.target_pos >= 0
+    return int(batch.input_ids.shape[1] - (batch.target_pos - 1)[scored].min())
+
+
+def logits_at_targets(lm, batch: PromptBatch, window: int) -> torch.Tensor:
+    """Inside a trace opened with ``logits_to_keep=window``: (B, n_first, V) logits
+    predicting each scored answer token (absent tokens give row 0 of the window)."""
+    start = batch.input_ids.shape[1] - window
     rows = torch.arange(len(batch)).unsqueeze(-1)
-    return lm.output.logits[rows, (batch.target_pos - 1).clamp(min=0)]
+    return lm.output.logits[rows, (batch.target_pos - 1 - start).clamp(min=0)]
 
 
 def apply_steering(lm, steering: Steering | None, batch: PromptBatch) -> None:
@@ -138,9 +152,10 @@ def score(lm, batch: PromptBatch, steering: Steering | None = None,
             if steering is not None and steering.vector.dim() == 2:
                 rows = slice(len(parts) * batch_size, len(parts) * batch_size + len(chunk))
                 chunk_steering = Steering(steering.layer, steering.vector[rows], steering.mode)
-            with trace(lm, chunk.model_inputs()):
+            window = scored_window(chunk)
+            with trace(lm, chunk.model_inputs(), logits_to_keep=window):
                 apply_steering(lm, chunk_steering, chunk)
-                logits = logits_at_targets(lm, chunk).save()
+                logits = logits_at_targets(lm, chunk, window).save()
             parts.append(score_logits(logits.cpu(), chunk.targets, keep_logits))
     joined = {f: torch.cat([getattr(p, f) for p in parts])
               for f in ("nll", "correct", "first_targets")}
