@@ -60,9 +60,9 @@ residuals is usually shorter than a residual, so the two are equal only
 approximately; "authors" reproduces their numbers, "norm_scaled" transfers.
 
 Speed: the blocks before L see the same input every step, so their output is
-computed once and each step's trace skips them; the final norm and unembedding
-run only on the last positions, which predict the answers (``scored_window``);
-prompts are tokenised once.
+computed once and each step's trace skips them; the unembedding runs only on the
+positions that predict the answers (``taskvec.logits_at_targets``); prompts are
+tokenised once.
 """
 
 from __future__ import annotations

@@ -114,10 +114,17 @@ def scored_window(batch: PromptBatch) -> int:
 
 def logits_at_targets(lm, batch: PromptBatch, window: int) -> torch.Tensor:
     """Inside a trace opened with ``logits_to_keep=window``: (B, n_first, V) logits
-    predicting each scored answer token (absent tokens give row 0 of the window)."""
+    predicting each scored answer token (absent tokens give row 0 of the window).
+
+    The unembedding's input is replaced by the (B, n_first) final hidden states
+    that predict the answers, so the unembedding (and any logit soft-capping after
+    it) runs on those alone, as one contiguous matrix product.
+    """
     start = batch.input_ids.shape[1] - window
     rows = torch.arange(len(batch)).unsqueeze(-1)
-    return lm.output.logits[rows, (batch.target_pos - 1 - start).clamp(min=0)]
+    head = lm.lm_head
+    head.input = head.input[rows, (batch.target_pos - 1 - start).clamp(min=0)]   # (B, n, d)
+    return lm.output.logits
 
 
 def apply_steering(lm, steering: Steering | None, batch: PromptBatch) -> None:
