@@ -134,14 +134,20 @@ def test_logits_are_kept_only_on_request(toy_lm, zero):
 
 
 def test_logits_only_at_scored_positions_match_full_logits(toy_lm):
-    """The unembedding runs on the last scored_window positions only; same numbers."""
+    """The unembedding runs on the positions that predict answers only; same numbers."""
     from tvlib.prompts import zero_shot_prompts
-    from tvlib.taskvec import answer_nll, scored_window
+    from tvlib.taskvec import answer_nll
     batch = tokenize_prompts(toy_lm.tokenizer, zero_shot_prompts(
         [("hot", "cold"), ("france", "north america"), ("up", "down")], task="mixed"))
-    window = scored_window(batch)
-    assert window == 3          # two answer tokens predicted from the last three positions
+    seen = []
+    hook = toy_lm._module.lm_head.register_forward_hook(
+        lambda module, args, out: seen.append(tuple(out.shape)))
+    try:
+        scores = score(toy_lm, batch)
+    finally:
+        hook.remove()
+    assert seen == [(3, 2, toy_lm._module.config.vocab_size)]   # (prompts, n_first, V) only
     logits = toy_lm._module(**batch.model_inputs()).logits                     # (B, T, V)
     rows = torch.arange(len(batch)).unsqueeze(-1)
     full = answer_nll(logits[rows, (batch.target_pos - 1).clamp(min=0)], batch.targets)
-    torch.testing.assert_close(score(toy_lm, batch).nll, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scores.nll, full, atol=1e-5, rtol=1e-5)

@@ -79,7 +79,7 @@ from .models import (blocks, check_layer, check_sae_site, model_device, model_dt
 from .prompts import PromptBatch
 from .pursuit import SELECTIONS, gradient_pursuit
 from .taskvec import (Steering, answer_nll, apply_steering, check_scored, collect_residuals,
-                      logits_at_targets, score, scored_window)
+                      logits_at_targets, score)
 
 INITS = ("encoder", "pursuit")
 ACTIVATIONS = ("sae", "relu")
@@ -267,7 +267,6 @@ def cleanup(lm, sae, layer: int, tv: torch.Tensor, train: PromptBatch,
         l1_weights, l1_scale = torch.ones_like(theta0), 1.0              # (F,)
     decode = lambda w: sae.decode(w.to(sae.W_dec.dtype)).float()        # noqa: E731
 
-    window = scored_window(train)    # unembed only the positions that predict answers
     # The blocks before `layer` see the same tokens every step: run them once.
     inputs = to_model(lm, train.model_inputs())
     if layer > 0:
@@ -286,14 +285,13 @@ def cleanup(lm, sae, layer: int, tv: torch.Tensor, train: PromptBatch,
         v = decode(w)                                                    # (d,)
         l1 = (w * l1_weights).sum() * l1_scale
         saved = {}
-        with trace(lm, inputs, logits_to_keep=window):
+        with trace(lm, inputs):
             if layer > 0:
                 start = cached.clone()     # edited in place below: keep the cache clean
                 for block in blocks(lm)[:layer]:
                     block.skip(start)
             apply_steering(lm, Steering(layer, v), train)
-            saved["nll"] = answer_nll(logits_at_targets(lm, train, window),
-                                      train.targets).mean().save()
+            saved["nll"] = answer_nll(logits_at_targets(lm, train), train.targets).mean().save()
         nll = saved["nll"].to(l1.device)
         loss = nll + cfg.lam * l1
         if not torch.isfinite(loss):

@@ -8,17 +8,16 @@ Every table has one row per (task, method, layer) with columns ``nll``,
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import pandas as pd
 
 from .cache import cached_table, cached_tables, digest, result_key
 from .cleanup import CleanupConfig, cleanup
 from .models import check_layers, check_sae_site, load_sae, n_layers
-from .prompts import (PromptBatch, detector_prompts, few_shot_prompts, tokenize_prompts,
-                      zero_shot_prompts)
-from .prompts import get_format
+from .prompts import (PromptBatch, detector_prompts, few_shot_prompts, get_format,
+                      tokenize_prompts, zero_shot_prompts)
 from .sae_views import decode, encode, ito, recon_of_tv, tv_on_recon
 from .steering import steering_grid
 from .taskvec import Steering, collect_residuals, detector_vectors, score, task_vectors
@@ -81,7 +80,7 @@ def model_tasks(lm, tasks) -> dict[str, Task]:
     return by_name
 
 
-def sae_layers(lm, layers) -> list[int]:
+def layers_with_sae(lm, layers) -> list[int]:
     """``layers`` checked to have an SAE; None: every resid_pre layer with one."""
     available = list(lm.preset.resid_pre_layers_with_sae())
     if layers is None:
@@ -183,7 +182,7 @@ def run_sae_view_sweep(lm, tasks, layers=None, prompt_cfg: PromptConfig | None =
                        target_l0: int = 40, subtract_b_dec: bool = False, batch_size: int = 32,
                        refresh: bool = False) -> pd.DataFrame:
     """``sae_view_sweep`` for each task at every layer with an SAE (default)."""
-    layers = sae_layers(lm, layers)
+    layers = layers_with_sae(lm, layers)
     settings = {"layers": layers, "target_l0": target_l0, "subtract_b_dec": subtract_b_dec}
     return run_per_task("sae_view_sweep", lm, tasks, prompt_cfg or PromptConfig(), settings,
                         lambda p: sae_view_sweep(lm, p, layers, target_l0, subtract_b_dec,
@@ -337,7 +336,7 @@ def _run_cleaning(experiment: str, sweep, lm, tasks, layers, prompt_cfg, cfg: Cl
                   batch_size: int, refresh: bool) -> dict[str, pd.DataFrame]:
     """Run a cleaning ``sweep`` (cleanup_sweep or detector_sweep) per task, cached."""
     prompt_cfg = prompt_cfg or PromptConfig()
-    layers = sae_layers(lm, layers)
+    layers = layers_with_sae(lm, layers)
     settings = {"layers": layers, "cleanup": _results_config(cfg)}
     return run_per_task(experiment, lm, tasks, prompt_cfg, settings,
                         lambda p: sweep(lm, p, layers, cfg, batch_size, prompt_cfg.seed),

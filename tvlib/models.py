@@ -202,11 +202,10 @@ def context_length(lm) -> int | None:
     return None
 
 
-def trace(lm, inputs: dict[str, torch.Tensor], **forward_kwargs):
+def trace(lm, inputs: dict[str, torch.Tensor]):
     """``lm.trace`` on inputs moved to the model, remotely when the model was loaded so.
 
     Inputs longer than the model's context are refused here, for every forward pass.
-    ``forward_kwargs`` go to the model's forward (e.g. ``logits_to_keep``).
     """
     width, limit = inputs["input_ids"].shape[-1], context_length(lm)
     if limit is not None and width > limit:
@@ -215,9 +214,7 @@ def trace(lm, inputs: dict[str, torch.Tensor], **forward_kwargs):
             "tokens: lower n_shots (or shorten the texts) so that every prompt fits")
     remote = getattr(lm, "remote", False)
     inputs = to_model(lm, inputs)
-    if remote:
-        return lm.trace(inputs, remote=remote, **forward_kwargs)
-    return lm.trace(inputs, **forward_kwargs)
+    return lm.trace(inputs, remote=remote) if remote else lm.trace(inputs)
 
 
 def require_local(lm, what: str) -> None:

@@ -100,30 +100,18 @@ def score_logits(logits_at_targets: torch.Tensor, targets: torch.Tensor,
     return Scores(nll, correct, targets[:, 0], first if keep_logits else None)
 
 
-def scored_window(batch: PromptBatch) -> int:
-    """K such that the last K positions hold every logit predicting a scored token.
-
-    Answers end their prompts and rows are left-padded, so K is about n_first + 1:
-    a trace opened with ``logits_to_keep=K`` runs the final norm and unembedding
-    on K positions instead of all T (a 262k-token vocabulary makes that the
-    largest cost of a step on small real models).
-    """
-    scored = batch.target_pos >= 0
-    return int(batch.input_ids.shape[1] - (batch.target_pos - 1)[scored].min())
-
-
-def logits_at_targets(lm, batch: PromptBatch, window: int) -> torch.Tensor:
-    """Inside a trace opened with ``logits_to_keep=window``: (B, n_first, V) logits
-    predicting each scored answer token (absent tokens give row 0 of the window).
+def logits_at_targets(lm, batch: PromptBatch) -> torch.Tensor:
+    """Inside a trace: (B, n_first, V) logits predicting each scored answer token
+    (absent tokens give position 0's logits; their targets are -1).
 
     The unembedding's input is replaced by the (B, n_first) final hidden states
     that predict the answers, so the unembedding (and any logit soft-capping after
-    it) runs on those alone, as one contiguous matrix product.
+    it) runs on those alone, as one contiguous matrix product: with a 262k-token
+    vocabulary it is otherwise the largest cost of a step on small real models.
     """
-    start = batch.input_ids.shape[1] - window
     rows = torch.arange(len(batch)).unsqueeze(-1)
     head = lm.lm_head
-    head.input = head.input[rows, (batch.target_pos - 1 - start).clamp(min=0)]   # (B, n, d)
+    head.input = head.input[rows, (batch.target_pos - 1).clamp(min=0)]        # (B, n, d)
     return lm.output.logits
 
 
@@ -151,7 +139,7 @@ def score(lm, batch: PromptBatch, steering: Steering | None = None,
     check_batch_size(batch_size)
     check_scored(batch)
     if steering is not None:
-        steering.check_fits(batch, steering.vector.shape[-1])   # rows; width checked in trace
+        steering.check_fits(batch, d_model(lm))
     parts = []
     with torch.no_grad():
         for chunk in batch.chunks(batch_size):
@@ -159,10 +147,9 @@ def score(lm, batch: PromptBatch, steering: Steering | None = None,
             if steering is not None and steering.vector.dim() == 2:
                 rows = slice(len(parts) * batch_size, len(parts) * batch_size + len(chunk))
                 chunk_steering = Steering(steering.layer, steering.vector[rows], steering.mode)
-            window = scored_window(chunk)
-            with trace(lm, chunk.model_inputs(), logits_to_keep=window):
+            with trace(lm, chunk.model_inputs()):
                 apply_steering(lm, chunk_steering, chunk)
-                logits = logits_at_targets(lm, chunk, window).save()
+                logits = logits_at_targets(lm, chunk).save()
             parts.append(score_logits(logits.cpu(), chunk.targets, keep_logits))
     joined = {f: torch.cat([getattr(p, f) for p in parts])
               for f in ("nll", "correct", "first_targets")}
