@@ -5,7 +5,7 @@ same number of steps (no early stopping). The plain version registers a
 forward pre-hook on block L that adds the steering vector and runs the whole
 model every step; tvlib skips the blocks before L (their output is cached).
 
-    python benchmarks/cleanup_loop.py [--steps 200] [--layer 3]
+    python benchmarks/cleanup_loop.py [--steps 200] [--layer 3] [--preset toy]
 """
 
 import argparse
@@ -13,6 +13,7 @@ import json
 import time
 
 import torch
+from common import add_at, parse_args
 
 from tvlib.cleanup import CleanupConfig, _activation, cleanup, initial_theta
 from tvlib.experiments import PromptConfig, build_task_prompts, model_tasks
@@ -31,13 +32,7 @@ def plain_pytorch_loop(lm, sae, layer, tv, train, cfg: CleanupConfig, steps: int
     rows = torch.arange(len(train))
     predict_pos = (train.target_pos - 1).clamp(min=0)
     steering = {}
-
-    def hook(module, args, kwargs):
-        h = args[0].clone()
-        h[rows, train.steer_pos] += steering["v"]
-        return (h, *args[1:]), kwargs
-
-    handle = model.model.layers[layer].register_forward_pre_hook(hook, with_kwargs=True)
+    handle = add_at(model.model.layers[layer], rows, train.steer_pos, lambda: steering["v"])
     try:
         for _ in range(steps):
             w = act(theta)
@@ -57,11 +52,9 @@ def main():
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--layer", type=int, default=3)
     parser.add_argument("--task", default="antonyms")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-    lm = load_model("toy")
-    sae = load_sae("toy", args.layer)
+    args = parse_args(parser)
+    lm = load_model(args.preset, device="cpu")
+    sae = load_sae(args.preset, args.layer, device="cpu")
     task = model_tasks(lm, [args.task])[args.task]     # the pairs the model knows
     prompts = build_task_prompts(lm.tokenizer, task, PromptConfig())
     tv = task_vectors(lm, prompts.few_shot, [args.layer])[0]

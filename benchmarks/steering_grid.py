@@ -4,14 +4,14 @@ Both compute the same table: for each task's 50 zero-shot prompts and each of
 the features, the loss with the feature's unit decoder direction (times scale)
 added at the separator.
 
-    python benchmarks/steering_grid.py [--features 16] [--layer 4]
+    python benchmarks/steering_grid.py [--features 16] [--layer 4] [--preset toy]
 """
 
 import argparse
 import json
 import time
 
-import torch
+from common import parse_args
 
 from tvlib.experiments import PromptConfig, build_task_prompts, model_tasks
 from tvlib.models import load_model, load_sae
@@ -25,11 +25,9 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--features", type=int, default=16)
     parser.add_argument("--layer", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-    lm = load_model("toy")
-    sae = load_sae("toy", args.layer)
+    args = parse_args(parser)
+    lm = load_model(args.preset, device="cpu")
+    sae = load_sae(args.preset, args.layer, device="cpu")
     batches = {name: build_task_prompts(lm.tokenizer, task, PromptConfig()).zero_shot
                for name, task in model_tasks(lm, TASKS).items()}
     features = list(range(0, sae.cfg.d_sae, sae.cfg.d_sae // args.features))[:args.features]

@@ -23,9 +23,18 @@ def test_public_presets_exist_in_installed_sae_lens_catalogue(name):
         assert preset.sae_id.format(layer=block) in ids
 
 
+def test_neuronpedia_preset_reads_saes_with_neuronpedia_pages():
+    preset = PRESETS["gemma-3-270m-neuronpedia"]
+    entries = {entry["id"]: entry for entry in sae_catalogue()[preset.sae_release]["saes"]}
+    for block in preset.sae_layers:
+        entry = entries[preset.sae_id.format(layer=block)]
+        assert entry["neuronpedia"] == f"gemma-3-270m/{block}-gemmascope-2-res-16k"
+
+
 # Blocks per model (the architectures' configs), for checks that need no download.
 N_BLOCKS = {"toy": 6, "gpt2": 12, "gemma-2b": 18, "gemma-2b-it-authors": 18,
-            "gemma-2b-it-authors-scripts": 18, "gemma-2-2b": 26}
+            "gemma-2b-it-authors-scripts": 18, "gemma-2-2b": 26, "gemma-3-270m": 18,
+            "gemma-3-270m-neuronpedia": 18, "gemma-3-270m-offline": 18}
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

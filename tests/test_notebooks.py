@@ -64,3 +64,22 @@ def test_zero_shots_in_a_notebook_is_refused_not_replaced(tmp_path, monkeypatch)
                                    parameters={"SMOKE": True, "N_SHOTS": 0},
                                    kernel_name="python3", progress_bar=False,
                                    cwd=str(REPO_ROOT / "notebooks"))
+
+
+@pytest.mark.parametrize("settings", sorted((REPO_ROOT / "notebooks" / "settings").iterdir()),
+                         ids=lambda p: p.name)
+def test_settings_files_set_parameters_of_their_notebook(settings):
+    """`make figures-gemma-3-270m SETTINGS=...` passes these files to papermill, which would
+    inject a misspelt name silently: every key must be a parameter of the notebook."""
+    import ast
+
+    import nbformat
+    import yaml
+    files = sorted(settings.glob("*.yaml"))
+    assert [f.stem for f in files] == [nb.stem for nb in NOTEBOOKS]
+    for file, notebook in zip(files, NOTEBOOKS):
+        cell = next(c for c in nbformat.read(notebook, as_version=4).cells
+                    if "parameters" in c.metadata.get("tags", []))
+        names = {t.id for node in ast.parse(cell.source).body for t in node.targets}
+        values = yaml.safe_load(file.read_text())
+        assert values and set(values) <= names, (file.name, set(values) - names)

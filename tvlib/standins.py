@@ -1,7 +1,7 @@
 """Local stand-ins for the real-model presets: the same formats, random weights, no hub.
 
 ``make_standin("gemma-2-2b", folder)`` writes a randomly initialised small model
-of the preset's architecture (GPT-2, Gemma or Gemma 2), a tokenizer, SAEs in the
+of the preset's architecture (GPT-2, Gemma, Gemma 2 or Gemma 3), a tokenizer, SAEs in the
 preset's format (sae-lens folders named by its SAE ids, or the writeup authors'
 gated files) at its site, a small text corpus and a ``preset.json``. Passing the
 folder wherever a preset name goes (``load_model(folder)``, a notebook's
@@ -24,22 +24,28 @@ from .paths import TOY_DIR
 
 ARCHITECTURES = {"gpt2": "gpt2", "gemma-2b": "gemma", "gemma-2b-it-authors": "gemma",
                  "gemma-2b-it-authors-scripts": "gemma",
-                 "gemma-2-2b": "gemma2"}
+                 "gemma-2-2b": "gemma2", "gemma-3-270m": "gemma3",
+                 "gemma-3-270m-neuronpedia": "gemma3", "gemma-3-270m-offline": "gemma3"}
 
 
 def model_config(architecture: str, vocab_size: int, n_layers: int, d_model: int,
                  bos_id: int, eos_id: int, pad_id: int):
     """A small transformers config of the given family."""
-    from transformers import Gemma2Config, GemmaConfig, GPT2Config
+    from transformers import Gemma2Config, Gemma3TextConfig, GemmaConfig, GPT2Config
 
     special = dict(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)
     if architecture == "gpt2":
         return GPT2Config(vocab_size=vocab_size, n_positions=256, n_embd=d_model,
                           n_layer=n_layers, n_head=4, **special)
-    family = {"gemma": GemmaConfig, "gemma2": Gemma2Config}[architecture]
-    return family(vocab_size=vocab_size, hidden_size=d_model, intermediate_size=2 * d_model,
-                  num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=1,
-                  head_dim=d_model // 4, max_position_embeddings=256, **special)
+    family = {"gemma": GemmaConfig, "gemma2": Gemma2Config, "gemma3": Gemma3TextConfig}
+    extra = {}
+    if architecture == "gemma3":    # sliding-window blocks, then one full-attention block
+        extra = dict(sliding_window=8, layer_types=["sliding_attention"] * (n_layers - 1)
+                     + ["full_attention"])
+    return family[architecture](
+        vocab_size=vocab_size, hidden_size=d_model, intermediate_size=2 * d_model,
+        num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=1,
+        head_dim=d_model // 4, max_position_embeddings=256, **special, **extra)
 
 
 def random_sae_weights(d_in: int, d_sae: int, generator: torch.Generator) -> dict:
@@ -116,7 +122,8 @@ def make_standin(preset_name: str, out_dir: str | Path, n_layers: int = 4, d_mod
             save_authors_sae(sae_dir / folder_name, weights, generator,
                              mean_norm=2 * math.sqrt(d_model))   # a norm factor of 1/2
         else:
-            architecture = "jumprelu" if "gemma-scope" in (real.sae_release or "") else "standard"
+            jumprelu = "gemma-scope" in (real.sae_release or "") or preset_name.endswith("-offline")
+            architecture = "jumprelu" if jumprelu else "standard"
             save_sae_lens_sae(sae_dir / folder_name, architecture, weights,
                               f"blocks.{block}.hook_{real.sae_site}")
 

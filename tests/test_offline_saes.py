@@ -1,0 +1,146 @@
+"""SAEs built here for an offline model: sampled text, recorded residuals, training,
+the card's measurements, and the build that writes them beside a preset."""
+
+import json
+
+import pytest
+import torch
+
+from tvlib.cache import CacheWarning
+from tvlib.generated_text import GenerationConfig, chunk_folder, generate
+from tvlib.models import load_model, load_sae
+from tvlib.offline_saes import BuildConfig, build
+from tvlib.paths import TOY_DIR
+from tvlib.sae_training import SAETrainingConfig, loss_change, sae_quality, save_sae, train_sae
+from tvlib.standins import make_standin
+
+TOY_MODEL = TOY_DIR / "model"
+SMALL = GenerationConfig(n_texts=6, n_tokens=24, batch_size=3, layers=(1, 3))
+
+
+def test_recorded_residuals_are_the_models_hidden_states(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    chunks = generate(TOY_MODEL, SMALL, tmp_path)
+    assert len(chunks) == 2
+    model = AutoModelForCausalLM.from_pretrained(TOY_MODEL).eval()
+    tokenizer = AutoTokenizer.from_pretrained(TOY_MODEL)
+    for chunk in chunks:
+        ids = chunk["ids"]
+        assert ids.shape == (3, 25) and (ids[:, 0] == tokenizer.bos_token_id).all()
+        with torch.no_grad():
+            hidden = model(ids, output_hidden_states=True).hidden_states
+        for layer in SMALL.layers:      # sampled tokens 1 .. T - 1, fed back one by one
+            assert torch.allclose(chunk[f"resid_{layer}"], hidden[layer][:, 1:-1], atol=1e-3)
+        fed = ids[:, 1:-1]
+        special = torch.isin(fed, torch.tensor(tokenizer.all_special_ids))
+        after_eos = torch.cumsum(fed == tokenizer.eos_token_id, 1) > 0
+        assert torch.equal(chunk["mask"], ~special & ~after_eos)
+    assert not torch.equal(chunks[0]["ids"], chunks[1]["ids"])   # each chunk its own seed
+
+
+def test_sampled_chunks_are_reused_and_damaged_ones_sampled_again(tmp_path):
+    first = generate(TOY_MODEL, SMALL, tmp_path)
+    messages = []
+    again = generate(TOY_MODEL, SMALL, tmp_path, log=messages.append)
+    assert messages == [] and all(torch.equal(a["ids"], b["ids"]) for a, b in zip(first, again))
+    damaged = chunk_folder(TOY_MODEL, SMALL, tmp_path) / "chunk_0001.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    with pytest.warns(CacheWarning, match="chunk_0001.safetensors is damaged"):
+        resampled = generate(TOY_MODEL, SMALL, tmp_path, log=messages.append)
+    assert messages == ["sampled chunk 2/2 -> chunk_0001.safetensors"]
+    assert torch.equal(resampled[1]["ids"], first[1]["ids"])     # same seed, same text
+    longer = generate(TOY_MODEL, GenerationConfig(**{**SMALL.__dict__, "n_texts": 9}), tmp_path,
+                      log=messages.append)
+    assert messages[-1] == "sampled chunk 3/3 -> chunk_0002.safetensors" and len(longer) == 3
+    other = GenerationConfig(**{**SMALL.__dict__, "seed": 1})
+    assert chunk_folder(TOY_MODEL, other, tmp_path) != chunk_folder(TOY_MODEL, SMALL, tmp_path)
+
+
+def test_generation_settings_are_checked():
+    with pytest.raises(ValueError, match="n_texts=10 is not a multiple of batch_size=4"):
+        GenerationConfig(n_texts=10, batch_size=4)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        GenerationConfig(temperature=0)
+
+
+def exact_sae(d: int, hook_name: str):
+    """A JumpReLU SAE that reconstructs exactly: features relu(x) and relu(-x)."""
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d, d_sae=2 * d,
+                                        metadata=SAEMetadata(hook_name=hook_name)))
+    eye = torch.eye(d)
+    sae.load_state_dict({"W_enc": torch.cat([eye, -eye], 1), "W_dec": torch.cat([eye, -eye], 0),
+                         "b_enc": torch.zeros(2 * d), "b_dec": torch.zeros(d),
+                         "threshold": torch.zeros(2 * d)})
+    return sae
+
+
+def test_card_measurements_on_an_sae_that_reconstructs_exactly(toy_lm):
+    sae = exact_sae(128, "model.layers.2.input")
+    x = torch.randn(50, 128)
+    x[:, :3] = 0                                  # three coordinates never fire
+    quality = sae_quality(sae, x, batch=16)
+    assert quality["fvu"] < 1e-10 and quality["n_tokens"] == 50
+    assert quality["l0"] == pytest.approx((x != 0).sum(1).float().mean().item())
+    assert quality["dead_fraction"] == pytest.approx(6 / 256)
+    ids = toy_lm.tokenizer(["<bos> hot -> cold \n big -> small \n up -> down"] * 3,
+                           add_special_tokens=False, return_tensors="pt")["input_ids"]
+    mask = torch.ones(3, ids.shape[1] - 2, dtype=torch.bool)
+    mask[1, 4:] = False
+    losses = loss_change(toy_lm, {2: sae}, ids, mask)[2]
+    assert losses["delta_loss"] == pytest.approx(0, abs=1e-5)
+    assert losses["loss_zero"] > losses["loss_clean"] + 0.5     # zeroing layer 2 hurts
+    with pytest.raises(ValueError, match="SAE .*resid_pre 2.*layer 3|resid_pre 3"):
+        loss_change(toy_lm, {3: sae}, ids, mask)
+    with pytest.raises(ValueError, match="mask has shape"):
+        loss_change(toy_lm, {2: sae}, ids, mask[:, 1:])
+
+
+def test_trained_sae_learns_and_round_trips_through_its_folder(tmp_path, toy_lm):
+    chunks = generate(TOY_MODEL, GenerationConfig(n_texts=16, n_tokens=64, batch_size=8,
+                                                  layers=(3,)), tmp_path / "cache")
+    resid = torch.cat([c["resid_3"][c["mask"]] for c in chunks])
+    cfg = SAETrainingConfig(width=256, k=16, lr=3e-3, batch_tokens=128, epochs=30, seed=3)
+    sae = train_sae(resid, "blocks.2.hook_resid_post", cfg, log=lambda _: None)
+    quality = sae_quality(sae, resid)
+    assert quality["fvu"] < 0.2 and 4 < quality["l0"] < 64
+    assert sae.cfg.architecture() == "jumprelu"
+    save_sae(sae, tmp_path / "sae", cfg, {"note": "test"})
+    stored = json.loads((tmp_path / "sae" / "training.json").read_text())
+    assert stored == {"note": "test"}
+    from safetensors.torch import load_file
+    on_disk = load_file(str(tmp_path / "sae" / "sae_weights.safetensors"))
+    assert on_disk["W_enc"].dtype == torch.float16 and on_disk["b_enc"].dtype == torch.float32
+    from sae_lens import SAE
+    loaded = SAE.load_from_disk(str(tmp_path / "sae"))
+    assert loaded.W_enc.dtype == torch.float32
+    assert sae_quality(loaded, resid)["fvu"] == pytest.approx(quality["fvu"], rel=1e-2)
+    again = train_sae(resid, "blocks.2.hook_resid_post", cfg, log=lambda _: None)
+    assert torch.equal(again.W_dec, sae.W_dec)                     # seeded
+
+
+def test_build_writes_saes_corpus_and_card_beside_the_preset(tmp_path):
+    folder = tmp_path / "standin"
+    preset = make_standin("gemma-3-270m-offline", folder)
+    cfg = BuildConfig(GenerationConfig(n_texts=12, n_tokens=40, batch_size=4),
+                      SAETrainingConfig(width=128, k=8, batch_tokens=64, epochs=2),
+                      n_heldout_chunks=1, loss_texts=4)
+    card = build(str(folder), cfg, cache_dir=tmp_path / "cache", log=lambda _: None)
+    assert (folder / "preset.json").exists() and (folder / "model").is_dir()   # kept
+    assert [row["layer"] for row in card["saes"]] == list(preset.resid_pre_layers_with_sae())
+    assert card["train_texts"] == 8 and card["heldout_texts"] == 4
+    corpus = json.loads((folder / "corpus.json").read_text())
+    assert len(corpus) == 4 and all(isinstance(text, str) and text for text in corpus)
+    lm = load_model(str(folder), device="cpu")
+    for row in card["saes"]:
+        sae = load_sae(str(folder), row["layer"], device="cpu")     # site checked on load
+        assert sae.cfg.metadata.hook_name == f"blocks.{row['layer'] - 1}.hook_resid_post"
+        assert row["loss_zero"] > row["loss_clean"] - 1 and 0 <= row["dead_fraction"] <= 1
+    assert "| 1 | resid_post 0 | 128 |" in (folder / "MODEL_CARD.md").read_text()
+    assert lm.preset.name == "gemma-3-270m-offline-standin"
+    with pytest.raises(ValueError, match="leave none to train on"):
+        build(str(folder), BuildConfig(GenerationConfig(n_texts=8, batch_size=4)),
+              cache_dir=tmp_path / "cache")

@@ -1,0 +1,155 @@
+"""Text a model writes itself, with its residual stream recorded as it writes.
+
+Offline there is no text corpus to download. Like the writeup's authors, who trained
+their Phi-3 SAEs on a model-generated dataset, the SAEs of an offline model are trained
+on what the model samples from its BOS token (temperature 1: its own distribution).
+The residual stream of every sampled token is recorded during sampling, from the
+same forward passes (resid_pre L is Hugging Face ``hidden_states[L]``), so that the
+text costs one pass of the model and no second pass over it.
+
+Texts are sampled in chunks of ``batch_size``; chunk ``i`` uses its own seeded
+generator, and finished chunks are kept in a cache folder named by the model's
+file digests and every setting, so that a re-run (or a longer run) reuses them and a
+damaged chunk file is sampled again.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .cache import CacheWarning, digest, folder_digest, write_atomic
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How the texts are sampled; every field is part of the cache key."""
+
+    n_texts: int = 1536
+    n_tokens: int = 128             # tokens sampled after BOS
+    batch_size: int = 128           # texts per chunk (sampled together)
+    temperature: float = 1.0
+    seed: int = 0
+    layers: tuple[int, ...] = ()    # resid_pre layers whose residuals are recorded
+
+    def __post_init__(self):
+        for name in ("n_texts", "n_tokens", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"GenerationConfig.{name} must be a positive int, not {value!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"GenerationConfig.temperature must be > 0, not {self.temperature!r}")
+        if self.n_texts % self.batch_size:
+            raise ValueError(f"n_texts={self.n_texts} is not a multiple of batch_size="
+                             f"{self.batch_size}: choose n_texts as a number of whole chunks")
+
+    @property
+    def n_chunks(self) -> int:
+        return self.n_texts // self.batch_size
+
+
+def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
+    """One token per row from softmax(logits / T), by inverting the CDF.
+
+    torch.multinomial over a 262k-token vocabulary costs more than the model's step
+    on a CPU; a cumulative sum and a binary search draw from the same distribution.
+    """
+    probs = torch.softmax(logits.float() / temperature, dim=-1)          # (B, V)
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).clamp_(max=cdf.shape[1] - 1)       # (B, 1)
+
+
+@torch.no_grad()
+def sample_chunk(model, tokenizer, cfg: GenerationConfig, chunk: int) -> dict[str, torch.Tensor]:
+    """Chunk ``chunk``: ids (B, 1 + n_tokens), a mask of the tokens to learn from
+    (B, n_tokens - 1) and ``resid_{L}`` (B, n_tokens - 1, d) in float32 (Gemma 3's
+    residual, with entries past 10^4, would lose too much in bfloat16 and overflow float16).
+
+    Recorded positions are the sampled tokens 1 .. n_tokens - 1 (the last sampled token
+    is never fed back). The mask drops the end-of-text token, anything after it and
+    any other special token.
+    """
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + chunk)
+    B = cfg.batch_size
+    ids = torch.full((B, 1), tokenizer.bos_token_id, dtype=torch.long)
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    recorded = {layer: [] for layer in cfg.layers}
+    past = None
+    for step in range(cfg.n_tokens):
+        out = model.model(input_ids=ids[:, -1:], past_key_values=past, use_cache=True,
+                          output_hidden_states=bool(cfg.layers))
+        past = out.past_key_values
+        if step > 0:                                # position 0 is BOS: not recorded
+            for layer in cfg.layers:
+                recorded[layer].append(out.hidden_states[layer][:, -1].float())
+        logits = head(out.last_hidden_state[:, -1])                       # (B, V)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        ids = torch.cat([ids, _sample(logits, cfg.temperature, generator)], dim=1)
+
+    special = torch.tensor(sorted(tokenizer.all_special_ids))
+    fed = ids[:, 1:-1]                                                    # (B, T - 1)
+    ended = torch.cumsum(fed == tokenizer.eos_token_id, dim=1) > 0
+    mask = ~ended & ~torch.isin(fed, special)
+    tensors = {"ids": ids, "mask": mask}
+    for layer in cfg.layers:
+        resid = torch.stack(recorded[layer], dim=1).contiguous()
+        if not torch.isfinite(resid).all():
+            raise FloatingPointError(f"resid_pre {layer} is not finite in chunk {chunk}")
+        tensors[f"resid_{layer}"] = resid
+    return tensors
+
+
+def chunk_folder(model_dir: str | Path, cfg: GenerationConfig, cache_dir: Path) -> Path:
+    """The cache folder of this model's texts under these settings (any n_texts)."""
+    key = {"model": folder_digest(Path(model_dir)), "torch": torch.__version__,
+           **{k: v for k, v in asdict(cfg).items() if k != "n_texts"}}
+    return Path(cache_dir) / f"generated-{digest(key)[:16]}"
+
+
+def _load_chunk(path: Path, cfg: GenerationConfig) -> dict[str, torch.Tensor] | None:
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        return None
+    try:
+        tensors = load_file(str(path))
+        ok = (tensors["ids"].shape == (cfg.batch_size, cfg.n_tokens + 1)
+              and all(tensors[f"resid_{layer}"].shape[:2] == (cfg.batch_size, cfg.n_tokens - 1)
+                      for layer in cfg.layers))
+    except Exception as error:          # truncated or garbage file: sample it again
+        warnings.warn(CacheWarning(f"{path} is damaged ({error}); sampling it again"))
+        return None
+    if not ok:
+        warnings.warn(CacheWarning(f"{path} holds tensors of other shapes; sampling it again"))
+        return None
+    return tensors
+
+
+def generate(model_dir: str | Path, cfg: GenerationConfig, cache_dir: Path,
+             log=print) -> list[dict[str, torch.Tensor]]:
+    """Every chunk of ``cfg``, sampled or read from the cache (see module docstring)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = chunk_folder(model_dir, cfg, cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = tokenizer = None
+    chunks = []
+    for chunk in range(cfg.n_chunks):
+        path = folder / f"chunk_{chunk:04d}.safetensors"
+        tensors = _load_chunk(path, cfg)
+        if tensors is None:
+            if model is None:
+                tokenizer = AutoTokenizer.from_pretrained(model_dir)
+                model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+            tensors = sample_chunk(model, tokenizer, cfg, chunk)
+            write_atomic(path, lambda tmp: save_file(tensors, str(tmp)))
+            log(f"sampled chunk {chunk + 1}/{cfg.n_chunks} -> {path.name}")
+        chunks.append(tensors)
+    return chunks

@@ -1,0 +1,180 @@
+"""SAEs trained here with sae-lens on recorded residuals, and how good they are.
+
+``train_sae`` fits a BatchTopK SAE (sae-lens ``SAETrainer``) on a tensor of residuals,
+shuffled with a seeded generator; sae-lens saves it as a JumpReLU SAE whose threshold is
+the one BatchTopK learned. ``save_sae`` stores it in sae-lens's folder format, its matrices in
+float16 (loaded as float32), with the site it reads written into its metadata.
+``sae_quality`` and ``loss_change`` measure what a model card reports: FVU, L0 and dead
+fraction on held-out residuals, and the change in next-token loss when the SAE's
+reconstruction replaces the residual stream.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+
+@dataclass(frozen=True)
+class SAETrainingConfig:
+    """Every setting of an SAE's training (the seed included)."""
+
+    width: int = 3072               # features (d_sae)
+    k: float = 40.0                 # BatchTopK: mean active features per token
+    lr: float = 1e-3
+    threshold_lr: float = 0.05      # BatchTopK's running threshold (sae-lens default 0.01:
+                                    # too slow to settle in a few hundred steps)
+    batch_tokens: int = 4096
+    epochs: int = 6                 # passes over the training residuals
+    seed: int = 0
+    save_dtype: str = "float16"     # matrices on disk (biases float32); loaded as float32
+
+
+def residual_batches(resid: torch.Tensor, batch_tokens: int,
+                     generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless float32 batches of rows of ``resid`` (N, d), reshuffled every pass."""
+    n = resid.shape[0]
+    if n < batch_tokens:
+        raise ValueError(f"{n} residuals are fewer than one batch of {batch_tokens}: sample "
+                         "more text or lower batch_tokens")
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n - batch_tokens + 1, batch_tokens):
+            yield resid[order[start:start + batch_tokens]].float()
+
+
+def train_sae(resid: torch.Tensor, hook_name: str, cfg: SAETrainingConfig, log=print):
+    """A BatchTopK SAE trained on ``resid`` (N, d); returns the inference SAE (JumpReLU)."""
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, SAE
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    torch.manual_seed(cfg.seed)
+    d_in = resid.shape[1]
+    sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(
+        d_in=d_in, d_sae=cfg.width, k=cfg.k, topk_threshold_lr=cfg.threshold_lr,
+        normalize_activations="expected_average_only_in"))
+    sae.cfg.metadata.hook_name = hook_name
+    steps = cfg.epochs * (resid.shape[0] // cfg.batch_tokens)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    sample = resid[torch.randperm(resid.shape[0], generator=generator)[:65536]].float()
+    trainer = SAETrainer(
+        cfg=SAETrainerConfig(
+            total_training_samples=steps * cfg.batch_tokens,
+            train_batch_size_samples=cfg.batch_tokens, lr=cfg.lr, lr_end=cfg.lr / 10,
+            lr_scheduler_name="cosineannealing", lr_warm_up_steps=min(100, steps // 10),
+            lr_decay_steps=0, device="cpu", dead_feature_window=max(50, steps // 10),
+            feature_sampling_window=max(100, steps // 5), n_batches_for_norm_estimate=20,
+            logger=LoggingConfig(log_to_wandb=False)),
+        sae=sae,
+        data_provider=residual_batches(resid, cfg.batch_tokens, generator))
+    # sae-lens scales inputs to mean norm sqrt(d) and starts b_dec at zero. Gemma's
+    # residual is ~90% one constant direction (its mean), which Adam's small steps on
+    # b_dec would take thousands of steps to reach: start b_dec at the (scaled) mean.
+    scaling = d_in ** 0.5 / sample.norm(dim=-1).mean().item()
+    trainer.activation_scaler.scaling_factor = scaling
+    with torch.no_grad():
+        sae.b_dec.copy_(sample.mean(0) * scaling)
+    trained = trainer.fit()
+    log(f"  {hook_name}: {steps} steps of {cfg.batch_tokens} residuals")
+    # through sae-lens's own inference format: BatchTopK becomes JumpReLU there
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        trained.save_inference_model(tmp)
+        return SAE.load_from_disk(tmp, device="cpu")
+
+
+def save_sae(sae, folder: Path, cfg: SAETrainingConfig, record: dict) -> None:
+    """``sae`` in sae-lens's folder format, tensors in ``cfg.save_dtype``, config float32.
+
+    ``record`` (training settings, data, measurements) is stored beside it as
+    ``training.json``.
+    """
+    from safetensors.torch import save_file
+
+    from .cache import write_atomic
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    dtype = getattr(torch, cfg.save_dtype)     # matrices only: biases and thresholds
+    state = {name: tensor.detach().to(dtype if tensor.dim() == 2 else torch.float32).contiguous()
+             for name, tensor in sae.state_dict().items()}      # are small, kept exact
+    for name, tensor in state.items():
+        if not torch.isfinite(tensor).all():
+            raise FloatingPointError(f"{name} does not fit in {cfg.save_dtype}: save in float32")
+    write_atomic(folder / "sae_weights.safetensors", lambda tmp: save_file(state, str(tmp)))
+    config = sae.cfg.to_dict()
+    config["dtype"] = "float32"     # computations stay float32 whatever the file holds
+    write_atomic(folder / "cfg.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+    write_atomic(folder / "training.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2)))
+
+
+@torch.no_grad()
+def sae_quality(sae, resid: torch.Tensor, batch: int = 8192) -> dict:
+    """FVU, mean L0 and dead fraction of ``sae`` on residuals ``resid`` (N, d).
+
+    FVU: squared reconstruction error over the residuals' total variance around their
+    mean. Dead: features that fire on none of the ``N`` residuals.
+    """
+    error = total = l0 = 0.0
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    mean = resid.float().mean(0)
+    for start in range(0, resid.shape[0], batch):
+        x = resid[start:start + batch].float()
+        f = sae.encode(x)
+        error += ((x - sae.decode(f)) ** 2).sum().item()
+        total += ((x - mean) ** 2).sum().item()
+        l0 += (f > 0).sum().item()
+        fired |= (f > 0).any(0)
+    return {"fvu": error / total, "l0": l0 / resid.shape[0],
+            "dead_fraction": 1 - fired.float().mean().item(), "n_tokens": int(resid.shape[0])}
+
+
+@torch.no_grad()
+def loss_change(lm, saes: dict, ids: torch.Tensor, mask: torch.Tensor,
+                batch_size: int = 8) -> dict[int, dict]:
+    """Next-token loss with resid_pre ``layer`` replaced by its SAE's reconstruction.
+
+    saes: {resid_pre layer: SAE}, each checked to read that layer. ids (N, T) start
+    with BOS; mask (N, T - 2) marks, among positions 1 .. T - 2, those whose residual is
+    replaced and whose next token is scored (BOS is neither: the SAEs never saw it).
+    Per layer: the mean loss clean, spliced, and with the residual zeroed at those
+    positions (the scale against which the change is read).
+    """
+    from .models import check_sae_site, resid_pre, trace
+
+    for layer, sae in saes.items():
+        check_sae_site(sae, lm, layer)
+    if mask.shape != (ids.shape[0], ids.shape[1] - 2):
+        raise ValueError(f"mask has shape {tuple(mask.shape)}; ids {tuple(ids.shape)} need "
+                         f"({ids.shape[0]}, {ids.shape[1] - 2}) (positions 1 .. T - 2)")
+    runs = [("clean", None)] + [(kind, layer) for layer in saes for kind in ("sae", "zero")]
+    losses = {run: [] for run in runs}
+    for start in range(0, ids.shape[0], batch_size):
+        x, m = ids[start:start + batch_size], mask[start:start + batch_size]
+        inputs = {"input_ids": x, "attention_mask": torch.ones_like(x)}
+        for kind, layer in runs:
+            with trace(lm, inputs):
+                if layer is not None:
+                    h = resid_pre(lm, layer)                              # (B, T, d)
+                    rows = h[:, 1:-1]
+                    sae = saes[layer]
+                    new = sae.decode(sae.encode(rows.float())).to(rows.dtype) \
+                        if kind == "sae" else torch.zeros_like(rows)
+                    h[:, 1:-1] = torch.where(m[..., None].to(rows.device), new, rows)
+                logits = lm.output.logits[:, 1:-1].save()                 # (B, T - 2, V)
+            nll = torch.nn.functional.cross_entropy(
+                logits.float().transpose(1, 2), x[:, 2:].to(logits.device),
+                reduction="none")                                         # (B, T - 2)
+            losses[(kind, layer)].append(nll[m.to(nll.device)].cpu())
+    mean = {run: torch.cat(values).mean().item() for run, values in losses.items()}
+    clean = mean[("clean", None)]
+    return {layer: {"loss_clean": clean, "loss_sae": mean[("sae", layer)],
+                    "loss_zero": mean[("zero", layer)],
+                    "delta_loss": mean[("sae", layer)] - clean} for layer in saes}
