@@ -176,3 +176,18 @@ def test_replacing_an_sae_recomputes_the_results_it_changes(toy_copy, tmp_path, 
     assert tv(after) == pytest.approx(tv(before), abs=1e-6)      # the TV has no SAE
     assert get_preset(str(toy_copy)).name == "toy-copy"
     assert torch.isfinite(torch.tensor(after.nll.tolist())).all()
+
+
+def test_task_vector_variants_are_labelled_when_computed_and_when_cached(toy_lm, tmp_path,
+                                                                         monkeypatch):
+    """The label is applied after the cache, so a cached table can never carry another
+    variant's name; the writeup's variant keeps the plain "TV"."""
+    from tvlib.experiments import run_task_vector_sweep
+    monkeypatch.setattr("tvlib.cache.CACHE_DIR", tmp_path / "cache")
+    cfg = PromptConfig(n_prompts=4, n_shots=4, n_eval=6)
+    for mode, positions, label in (("add", "all", "TV"), ("replace", "last", "TV (replace, last)")):
+        first = run_task_vector_sweep(toy_lm, ["antonyms"], [4], cfg, positions, mode)
+        again = run_task_vector_sweep(toy_lm, ["antonyms"], [4], cfg, positions, mode)
+        for table in (first, again):
+            assert set(table.method) == {"zero-shot", "ICL", label}
+        assert first.equals(again)

@@ -150,7 +150,11 @@ def render_card(card: dict, texts: list[str]) -> str:
     lines = [
         f"# SAEs of {card['preset']}", "",
         f"Built by `python -m tvlib.offline_saes` in {card['seconds']['total'] / 60:.0f} min on "
-        f"{card['torch_threads']} CPU threads (torch {card['torch']}).", "",
+        f"{card['torch_threads']} CPU threads (torch {card['torch']}), of which "
+        f"{card['seconds']['generation'] / 60:.0f} min sampling text (chunks sampled by an "
+        "earlier run are read from `.cache/generated`), "
+        f"{card['seconds']['loss_change'] / 60:.0f} min measuring the loss change, the rest "
+        "training.", "",
         "## Data", "",
         f"{card['train_texts'] + card['heldout_texts']} texts of {gen['n_tokens']} tokens that the "
         f"model sampled from BOS at temperature {gen['temperature']} (seed {gen['seed']}; chunks "

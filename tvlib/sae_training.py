@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -84,7 +85,6 @@ def train_sae(resid: torch.Tensor, hook_name: str, cfg: SAETrainingConfig, log=p
     trained = trainer.fit()
     log(f"  {hook_name}: {steps} steps of {cfg.batch_tokens} residuals")
     # through sae-lens's own inference format: BatchTopK becomes JumpReLU there
-    import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         trained.save_inference_model(tmp)
         return SAE.load_from_disk(tmp, device="cpu")
