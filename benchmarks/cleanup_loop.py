@@ -15,7 +15,7 @@ import time
 import torch
 from common import add_at, parse_args
 
-from tvlib.cleanup import CleanupConfig, _activation, cleanup, initial_theta
+from tvlib.cleanup import CleanupConfig, _activation, cleanup, feature_units, initial_theta
 from tvlib.experiments import PromptConfig, build_task_prompts, model_tasks
 from tvlib.models import load_model, load_sae
 from tvlib.taskvec import answer_nll, task_vectors
@@ -25,21 +25,21 @@ def plain_pytorch_loop(lm, sae, layer, tv, train, cfg: CleanupConfig, steps: int
     """The reference: hooks on the Hugging Face model, full forward each step."""
     model = lm._module
     act = _activation(sae)
-    theta = initial_theta(sae, tv).requires_grad_(True)
-    optimizer = torch.optim.Adam([theta], lr=cfg.lr)
-    dec_norms = sae.W_dec.detach().norm(dim=-1)
-    l1_scale = tv.shape[-1] ** 0.5 / tv.norm().item()
+    theta0 = initial_theta(sae, tv)
+    unit = feature_units(sae, tv)                       # (F,) lr and L1 in norm-scaled units
+    delta = torch.zeros_like(theta0, requires_grad=True)
+    optimizer = torch.optim.Adam([delta], lr=cfg.lr)
     rows = torch.arange(len(train))
     predict_pos = (train.target_pos - 1).clamp(min=0)
     steering = {}
     handle = add_at(model.model.layers[layer], rows, train.steer_pos, lambda: steering["v"])
     try:
         for _ in range(steps):
-            w = act(theta)
+            w = act(theta0 + delta * unit)
             steering["v"] = sae.decode(w)
             logits = model(**train.model_inputs()).logits
             loss = answer_nll(logits[rows.unsqueeze(-1), predict_pos], train.targets).mean() + \
-                cfg.lam * (w * dec_norms).sum() * l1_scale
+                cfg.lam * (w / unit).sum()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -127,7 +127,7 @@ def antonyms_tv(toy_lm):
 
 @pytest.mark.parametrize("encoding", ["training", "scripts"])
 def test_authors_l1_is_lambda_times_their_f(toy_lm, antonyms_tv, encoding):
-    """On their converted SAE the cleanup weights are their f; "authors" penalises sum f."""
+    """On their converted SAE the cleanup weights are their f; units "sae" penalises sum f."""
     tv, train = antonyms_tv
     w = random_authors_weights(d=128, n=512, seed=4, mean_norm=float(tv.norm()) * 2)
     sae = convert_authors_weights(w, layer=3, encoding=encoding)
@@ -135,6 +135,6 @@ def test_authors_l1_is_lambda_times_their_f(toy_lm, antonyms_tv, encoding):
     assert 0 < int((f_ref > 0).sum()) < 512
     lam = 0.05
     result = cleanup(toy_lm, sae, 3, tv, train, cfg=CleanupConfig(
-        max_steps=1, lam=lam, l1="authors", progress=False))
+        max_steps=1, lam=lam, units="sae", progress=False))
     torch.testing.assert_close(result.initial_weights, f_ref[0], rtol=1e-4, atol=1e-4)
     assert result.loss[0] - result.nll[0] == pytest.approx(lam * f_ref.sum().item(), rel=1e-4)

@@ -8,8 +8,8 @@ from sae_lens import SAE, StandardSAEConfig, TopKSAEConfig
 import tvlib.cleanup
 from tests.test_pursuit import HAND_D, HAND_X
 from tests.test_sae_views import ARCHITECTURES, random_sae
-from tvlib.cleanup import (CleanupConfig, CleanupDiverged, _activation, cleanup, initial_theta,
-                           sae_threshold)
+from tvlib.cleanup import (CleanupConfig, CleanupDiverged, _activation, cleanup, feature_units,
+                           initial_theta, sae_threshold)
 from tvlib.models import get_preset, load_sae
 from tvlib.prompts import few_shot_prompts, tokenize_prompts, zero_shot_prompts
 from tvlib.pursuit import gradient_pursuit
@@ -117,20 +117,67 @@ def test_cleanup_uses_the_gate_by_default(toy_lm, setup):
 
 # ---------------------------------------------------------------- the L1 term
 
-@pytest.mark.parametrize("l1", ["norm_scaled", "authors"])
-def test_l1_term_of_the_first_step(toy_lm, setup, l1):
+@pytest.mark.parametrize("units", ["norm_scaled", "sae"])
+def test_l1_term_of_the_first_step(toy_lm, setup, units):
     s = setup
     lam = 0.1
     result = cleanup(toy_lm, s["sae"], s["layer"], s["tv"], s["train"],
-                     cfg=CleanupConfig(max_steps=1, lam=lam, l1=l1, progress=False))
+                     cfg=CleanupConfig(max_steps=1, lam=lam, units=units, progress=False))
     w0 = result.initial_weights
-    if l1 == "norm_scaled":
+    if units == "norm_scaled":
         expected = (w0 * s["sae"].W_dec.detach().norm(dim=-1)).sum() * math.sqrt(128) \
             / s["tv"].norm()
     else:
         expected = w0.sum()
     assert (result.loss[0] - result.nll[0]) == pytest.approx(lam * expected.item(), rel=1e-5)
-    assert CleanupConfig().l1 == "norm_scaled"
+    assert CleanupConfig().units == "norm_scaled"
+
+
+def rescaled_features(sae, scales: torch.Tensor):
+    """The same gated SAE with feature i's decoder row times scales[i] and its weight divided."""
+    other = copy.deepcopy(sae)
+    with torch.no_grad():
+        other.W_dec.mul_(scales[:, None])
+        other.b_mag.div_(scales)
+        other.r_mag.sub_(scales.log())
+    return other
+
+
+def test_norm_scaled_units_do_not_depend_on_the_sae_parametrisation(toy_lm, setup):
+    """Rescaling feature directions (the SAE computes the same function) leaves the cleanup
+    unchanged in "norm_scaled" units, and changes it in the SAE's own units."""
+    s = setup
+    scales = torch.exp(torch.randn(s["sae"].cfg.d_sae, generator=torch.Generator().manual_seed(3)))
+    other = rescaled_features(s["sae"], scales)
+    x = s["tv"][None]
+    torch.testing.assert_close(other.decode(other.encode(x)), s["sae"].decode(s["sae"].encode(x)),
+                               rtol=1e-4, atol=1e-4)
+    runs = {}
+    for units in ("norm_scaled", "sae"):
+        cfg = CleanupConfig(max_steps=30, lam=0.05, lr=0.05, units=units, progress=False)
+        runs[units] = [cleanup(toy_lm, sae, s["layer"], s["tv"], s["train"], cfg=cfg)
+                       for sae in (s["sae"], other)]
+    same, moved = runs["norm_scaled"], runs["sae"]
+    assert same[0].l0[-1] < same[0].l0[0]                  # it pruned something
+    assert same[0].l0 == same[1].l0
+    torch.testing.assert_close(same[0].vector, same[1].vector, rtol=1e-3, atol=1e-3)
+    assert moved[0].l0 != moved[1].l0 or not torch.allclose(moved[0].vector, moved[1].vector,
+                                                             rtol=1e-3, atol=1e-3)
+
+
+def test_norm_scaled_step_is_lr_in_norm_units(toy_lm, setup):
+    """Adam's first step moves every active theta by lr times its feature's unit."""
+    s = setup
+    lr = 1e-3
+    first = cleanup(toy_lm, s["sae"], s["layer"], s["tv"], s["train"],
+                    cfg=CleanupConfig(max_steps=1, lr=lr, progress=False))
+    unit = feature_units(s["sae"], s["tv"])
+    active = first.initial_weights > 0
+    moved = (first.weights - first.initial_weights)[active].abs()
+    torch.testing.assert_close(moved, lr * unit[active], rtol=1e-3, atol=1e-6)
+    expected = s["tv"].norm() / (math.sqrt(128) * s["sae"].W_dec.detach().norm(dim=-1))
+    torch.testing.assert_close(unit, expected)
+    assert torch.equal(feature_units(s["sae"], s["tv"], "sae"), torch.ones(s["sae"].cfg.d_sae))
 
 
 def test_first_step_matches_plain_steering(toy_lm, setup):
@@ -223,7 +270,7 @@ def test_the_sae_of_another_layer_is_refused(toy_lm, setup):
     ("pursuit_l0", 0, "pursuit_l0=7"), ("max_steps", 2.5, "max_steps=1000"),
     ("init", "random", "init='encoder', init='pursuit'"),
     ("activation", "gelu", "activation='sae', activation='relu'"),
-    ("l1", "l2", "l1='norm_scaled', l1='authors'"),
+    ("units", "authors", "units='norm_scaled', units='sae'"),
     ("pursuit_selection", "best", "pursuit_selection='inactive', pursuit_selection='all'"),
 ])
 def test_invalid_config_is_refused_with_field_value_and_fix(field, value, fix):

@@ -32,32 +32,39 @@ reweights the features the SAE encoding activates; a pruned feature never
 returns. (The same holds for the authors' code: their cleanup starts from the
 pre-activations and applies the same gate.)
 
-The L1 term (``CleanupConfig.l1``):
+Units of the learning rate and the L1 term (``CleanupConfig.units``):
 
-- ``"norm_scaled"`` (default): ``sum_i w_i ||W_dec[i]|| * sqrt(d) / ||TV||``:
-  each feature's contribution to the vector's norm, as if the task vector had
-  norm sqrt(d). Why: so that one lambda means the same on any model and SAE,
-  whatever the SAE's decoder norms and the residual stream's scale.
-- ``"authors"``: ``sum_i w_i``, weights in the SAE's own units, the penalty of
+- ``"norm_scaled"`` (default): a weight's unit is the size that adds a direction
+  of norm ``||TV|| / sqrt(d)`` to the vector: feature i's weight is
+  ``c_i = w_i ||W_dec[i]|| sqrt(d) / ||TV||``, its share of the vector's norm as
+  if the task vector had norm sqrt(d). The L1 term is ``sum_i c_i`` and Adam
+  moves each c_i by about lr per step (the optimiser works on theta through
+  ``theta = theta0 + delta * unit``, with one unit per feature). Why: so that
+  one lr and one lambda mean the same on any model and SAE, whatever the
+  residual stream's scale and the decoder norms. The authors' SAEs read inputs
+  scaled to norm sqrt(d), so their weights are already close to these units;
+  method.md's lr 1e-2 and lambda 0.02-0.05 come from them. On SAEs trained on
+  raw residuals the difference is large: on Gemma 3 270M a task vector's
+  weights are about 300 in the SAE's units (its residual norm is ~10^4), so an
+  lr of 1e-2 there moves nothing.
+- ``"sae"``: weights in the SAE's own units, lr and L1 ``sum_i w_i`` on them:
   the authors' code (``l1_coeff * jnp.linalg.norm(weights, ord=1)`` in
-  ``FeatureSearch.get_loss``). For their converted SAE (``tvlib.authors_sae``)
-  the weights are exactly their f, so this is their penalty and lambda is in
-  their units (0.05 for task vectors, 5e-4 for detectors in their scripts).
+  ``FeatureSearch.get_loss``, Adam on the weights). For their converted SAE
+  (``tvlib.authors_sae``) the weights are exactly their f, so this is their
+  optimisation and lr and lambda are in their units (0.05 for task vectors,
+  5e-4 for detectors in their scripts).
 
-How the two relate: their SAEs read inputs scaled to norm about sqrt(d)
-(x' = x sqrt(d) / mean_norm) and decode ``(f W_dec + b_dec) / n_out`` with
-``n_out = sqrt(d) / tgt_mean_norm``, so the converted decoder rows are
-``W_dec[i] / n_out`` and the norm-scaled penalty is
-``sum_i f_i ||W_dec[i]|| * tgt_mean_norm / ||TV||`` (their raw W_dec). It
-equals their ``sum_i f_i`` exactly when ``||W_dec[i]|| = ||TV|| / tgt_mean_norm``
-for every active feature, e.g. when (a) those raw decoder rows have norm 1 and
-(b) ||TV|| = tgt_mean_norm (the task vector has the mean norm of the residuals
-their SAE was trained on). Their training script
-(neverix/saex, scripts/train_gemma_sae.py) does not constrain decoder norms
-(``restrict_dec_norm=None``, ``anthropic_norm=True``: the training penalty is
-``f_i ||W_dec[i]||``, the norm-weighted form the default uses), and a mean of
-residuals is usually shorter than a residual, so the two are equal only
-approximately; "authors" reproduces their numbers, "norm_scaled" transfers.
+How the two relate on the authors' SAEs: they decode ``(f W_dec + b_dec) / n_out``
+with ``n_out = sqrt(d) / tgt_mean_norm``, so the converted decoder rows are
+``W_dec[i] / n_out`` and ``c_i = f_i ||W_dec[i]|| * tgt_mean_norm / ||TV||`` (their
+raw W_dec). It equals their ``f_i`` exactly when ``||W_dec[i]|| = ||TV|| / tgt_mean_norm``,
+e.g. when (a) those raw decoder rows have norm 1 and (b) ||TV|| = tgt_mean_norm (the
+task vector has the mean norm of the residuals their SAE was trained on). Their
+training script (neverix/saex, scripts/train_gemma_sae.py) does not constrain
+decoder norms (``restrict_dec_norm=None``, ``anthropic_norm=True``: the training
+penalty is ``f_i ||W_dec[i]||``, the norm-weighted form the default uses), and a
+mean of residuals is usually shorter than a residual, so the two are equal only
+approximately; "sae" reproduces their numbers, "norm_scaled" transfers.
 
 Speed: the blocks before L see the same input every step, so their output is
 computed once and each step's trace skips them; the unembedding runs only on the
@@ -83,7 +90,7 @@ from .taskvec import (Steering, answer_nll, apply_steering, check_scored, collec
 
 INITS = ("encoder", "pursuit")
 ACTIVATIONS = ("sae", "relu")
-L1_FORMS = ("norm_scaled", "authors")
+UNITS = ("norm_scaled", "sae")
 
 
 def _refuse(field_name: str, value, rule: str, fix: str):
@@ -93,14 +100,14 @@ def _refuse(field_name: str, value, rule: str, fix: str):
 @dataclass(frozen=True)
 class CleanupConfig:
     lam: float = 0.02            # L1 coefficient (method.md: 0.02 default, ~0.05 on Gemma)
-    lr: float = 1e-2
+    lr: float = 1e-2             # Adam's step, in the units below
     max_steps: int = 1000
     patience: int = 200          # stop when L0 has no new minimum for this many steps
     init: str = "encoder"        # "encoder" pre-activations, or "pursuit" weights
     pursuit_l0: int = 7          # target L0 of the "pursuit" initialisation
     pursuit_selection: str = "inactive"   # pursuit's pick rule (tvlib.pursuit): or "all"
     activation: str = "sae"      # the SAE's own activation (gate, threshold), or "relu"
-    l1: str = "norm_scaled"      # "norm_scaled" (model-independent lambda), or "authors"
+    units: str = "norm_scaled"   # of lr and L1: "norm_scaled" (any model), or "sae" (authors)
     progress: bool = True
 
     def __post_init__(self):
@@ -121,7 +128,7 @@ class CleanupConfig:
                 _refuse(name, value, "must be an int >= 1", f"pass e.g. {name}="
                         f"{CleanupConfig.__dataclass_fields__[name].default}")
         for name, allowed in (("init", INITS), ("pursuit_selection", SELECTIONS),
-                              ("activation", ACTIVATIONS), ("l1", L1_FORMS)):
+                              ("activation", ACTIVATIONS), ("units", UNITS)):
             value = getattr(self, name)
             if value not in allowed:
                 _refuse(name, value, "unknown value",
@@ -235,6 +242,21 @@ def initial_theta(sae, tv: torch.Tensor, init: str = "encoder", pursuit_l0: int 
     return theta
 
 
+def feature_units(sae, tv: torch.Tensor, units: str = "norm_scaled") -> torch.Tensor:
+    """(F,) the size of one unit of each feature's weight, in the SAE's units.
+
+    "norm_scaled": ``||tv|| / (sqrt(d) ||W_dec[i]||)``, the weight whose decoded
+    direction has norm ``||tv|| / sqrt(d)``; "sae": 1.
+    """
+    if units not in UNITS:
+        raise ValueError(f"units={units!r} is unknown: pass units='norm_scaled' or 'sae'")
+    if units == "sae":
+        return torch.ones(sae.cfg.d_sae)
+    row_norms = sae.W_dec.detach().float().norm(dim=-1).cpu().clamp(min=1e-12)  # (F,)
+    return tv.detach().float().norm().cpu().clamp(min=1e-8) / (math.sqrt(sae.cfg.d_in)
+                                                                * row_norms)
+
+
 def cleanup(lm, sae, layer: int, tv: torch.Tensor, train: PromptBatch,
             heldout: PromptBatch | None = None, cfg: CleanupConfig = CleanupConfig(),
             seed: int = 0) -> CleanupResult:
@@ -258,13 +280,10 @@ def cleanup(lm, sae, layer: int, tv: torch.Tensor, train: PromptBatch,
     act = _activation(sae, cfg.activation)
     theta0 = initial_theta(sae, tv, cfg.init, cfg.pursuit_l0, cfg.pursuit_selection,
                            cfg.activation)
-    theta = theta0.clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([theta], lr=cfg.lr)
-    if cfg.l1 == "norm_scaled":    # each feature's share of the norm, as if ||tv|| = sqrt(d)
-        l1_weights = sae.W_dec.detach().float().norm(dim=-1)             # (F,)
-        l1_scale = math.sqrt(d) / tv.float().norm().clamp(min=1e-8).item()
-    else:                          # "authors": the weights in the SAE's own units
-        l1_weights, l1_scale = torch.ones_like(theta0), 1.0              # (F,)
+    unit = feature_units(sae, tv, cfg.units).to(theta0.device)          # (F,)
+    # theta = theta0 + delta * unit: Adam's step on delta is lr in these units.
+    delta = torch.zeros_like(theta0, requires_grad=True)
+    optimizer = torch.optim.Adam([delta], lr=cfg.lr)
     decode = lambda w: sae.decode(w.to(sae.W_dec.dtype)).float()        # noqa: E731
 
     # The blocks before `layer` see the same tokens every step: run them once.
@@ -281,9 +300,9 @@ def cleanup(lm, sae, layer: int, tv: torch.Tensor, train: PromptBatch,
     bar = tqdm(range(cfg.max_steps), desc=f"cleanup L{layer}", disable=not cfg.progress,
                leave=False, mininterval=1.0)
     for step in bar:
-        w = act(theta)                                                   # (F,)
+        w = act(theta0 + delta * unit)                                   # (F,)
         v = decode(w)                                                    # (d,)
-        l1 = (w * l1_weights).sum() * l1_scale
+        l1 = (w / unit).sum()
         saved = {}
         with trace(lm, inputs):
             if layer > 0:
@@ -314,7 +333,7 @@ def cleanup(lm, sae, layer: int, tv: torch.Tensor, train: PromptBatch,
                 result.stopped_early = True
                 break
     with torch.no_grad():
-        weights = act(theta).detach()
+        weights = act(theta0 + delta * unit).detach()
         result.weights, result.vector = weights.cpu(), decode(weights).cpu()
     if heldout is not None:
         scores = score(lm, heldout, Steering(layer, result.vector))

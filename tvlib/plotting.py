@@ -200,7 +200,9 @@ def plot_steering_matrix(grid: pd.DataFrame, clip: float = 1.0, title: str = "")
     table = grid.pivot_table(index="task", columns="feature", values="relative_change")
     values = table.loc[tasks, [f for _, f in columns]].clip(upper=clip)
     with styled():
-        fig, ax = plt.subplots(figsize=(0.5 * len(columns) + 3.0, 0.38 * len(tasks) + 1.6))
+        # at least 6 inches wide: a narrower axes puts the title over the colorbar's label
+        fig, ax = plt.subplots(figsize=(max(0.5 * len(columns) + 3.0, 6.0),
+                                        0.38 * len(tasks) + 1.6))
         image = ax.imshow(values.values, cmap="RdBu_r", vmin=-1, vmax=clip, aspect="auto")
         ax.set_xticks(range(len(columns)), [f"{f} ({t})" for t, f in columns], rotation=60,
                       ha="right", fontsize=7)
