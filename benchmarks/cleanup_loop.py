@@ -26,7 +26,7 @@ def plain_pytorch_loop(lm, sae, layer, tv, train, cfg: CleanupConfig, steps: int
     model = lm._module
     act = _activation(sae)
     theta0 = initial_theta(sae, tv)
-    unit = feature_units(sae, tv)                       # (F,) lr and L1 in norm-scaled units
+    unit = feature_units(sae, tv).to(theta0.device)     # (F,) lr and L1 in norm-scaled units
     delta = torch.zeros_like(theta0, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=cfg.lr)
     rows = torch.arange(len(train))

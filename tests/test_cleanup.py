@@ -13,7 +13,7 @@ from tvlib.cleanup import (CleanupConfig, CleanupDiverged, _activation, cleanup,
 from tvlib.models import get_preset, load_sae
 from tvlib.prompts import few_shot_prompts, tokenize_prompts, zero_shot_prompts
 from tvlib.pursuit import gradient_pursuit
-from tvlib.taskvec import Steering, score, task_vectors
+from tvlib.taskvec import Steering, answer_nll, score, task_vectors
 from tvlib.tasks import load_task
 
 TASK = load_task("antonyms").head(get_preset("toy").max_pairs_per_task)   # words it knows
@@ -173,6 +173,7 @@ def test_norm_scaled_step_is_lr_in_norm_units(toy_lm, setup):
                     cfg=CleanupConfig(max_steps=1, lr=lr, progress=False))
     unit = feature_units(s["sae"], s["tv"])
     active = first.initial_weights > 0
+    assert active.any()
     moved = (first.weights - first.initial_weights)[active].abs()
     torch.testing.assert_close(moved, lr * unit[active], rtol=1e-3, atol=1e-6)
     expected = s["tv"].norm() / (math.sqrt(128) * s["sae"].W_dec.detach().norm(dim=-1))
@@ -187,6 +188,53 @@ def test_first_step_matches_plain_steering(toy_lm, setup):
     steered = score(toy_lm, s["train"], Steering(s["layer"], s["sae"].decode(
         result.initial_weights)))
     assert result.nll[0] == pytest.approx(steered.mean_nll(), abs=1e-5)
+
+
+@pytest.mark.parametrize("units", ["sae", "norm_scaled"])
+def test_steps_match_a_plain_adam_loop(toy_lm, setup, units):
+    """Five steps equal Adam on theta (per-feature lr for "norm_scaled") written with a
+    forward pre-hook on the Hugging Face model, whole forward every step."""
+    s = setup
+    sae, layer, train = s["sae"], s["layer"], s["train"]
+    lr, lam, steps = 0.05, 0.05, 5
+    result = cleanup(toy_lm, sae, layer, s["tv"], train, cfg=CleanupConfig(
+        max_steps=steps, lr=lr, lam=lam, units=units, progress=False))
+
+    act, unit = _activation(sae), feature_units(sae, s["tv"], units)
+    theta = initial_theta(sae, s["tv"]).clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([{"params": [theta], "lr": lr}])
+    rows = torch.arange(len(train))
+    vector = {}
+
+    def add(module, args, kwargs):            # hidden states come first, by position
+        h = args[0].clone()
+        h[rows, train.steer_pos] += vector["v"]
+        return (h, *args[1:]), kwargs
+
+    handle = toy_lm._module.model.layers[layer].register_forward_pre_hook(add, with_kwargs=True)
+    losses = []
+    try:
+        for _ in range(steps):
+            w = act(theta)
+            vector["v"] = sae.decode(w)
+            logits = toy_lm._module(**train.model_inputs()).logits
+            nll = answer_nll(logits[rows.unsqueeze(-1), (train.target_pos - 1).clamp(min=0)],
+                             train.targets).mean()
+            loss = nll + lam * (w / unit).sum()
+            optimizer.zero_grad()
+            loss.backward()
+            # Adam in units of `unit`: its state sees d loss / d (theta / unit), and its
+            # step, made in those units, is converted back to theta
+            theta.grad *= unit
+            before = theta.detach().clone()
+            optimizer.step()
+            with torch.no_grad():
+                theta.copy_(before + (theta - before) * unit)
+            losses.append(loss.item())
+    finally:
+        handle.remove()
+    assert result.loss == pytest.approx(losses, rel=1e-4, abs=1e-5)
+    torch.testing.assert_close(result.weights, act(theta).detach(), rtol=1e-4, atol=1e-5)
 
 
 def test_cleanup_lowers_loss_and_l0_and_keeps_inactive_features_off(toy_lm, setup):

@@ -46,10 +46,10 @@ Units of the learning rate and the L1 term (``CleanupConfig.units``):
   method.md's lr 1e-2 and lambda 0.02-0.05 come from them. On SAEs trained on
   raw residuals the difference is large: on Gemma 3 270M a task vector's
   weights are about 300 in the SAE's units (its residual norm is ~10^4), so an
-  lr of 1e-2 there moves nothing.
+  lr of 1e-2 there hardly moves them.
 - ``"sae"``: weights in the SAE's own units, lr and L1 ``sum_i w_i`` on them:
   the authors' code (``l1_coeff * jnp.linalg.norm(weights, ord=1)`` in
-  ``FeatureSearch.get_loss``, Adam on the weights). For their converted SAE
+  ``FeatureSearch.get_loss``, Adam on the pre-activations). For their converted SAE
   (``tvlib.authors_sae``) the weights are exactly their f, so this is their
   optimisation and lr and lambda are in their units (0.05 for task vectors,
   5e-4 for detectors in their scripts).
