@@ -197,9 +197,10 @@ def collect_residuals(lm, inputs: dict[str, torch.Tensor], layers, positions: to
             pos = positions[start:start + batch_size]
             rows = torch.arange(pos.shape[0]).unsqueeze(-1)
             saved = []   # filled inside the trace (names bound there are not closure-safe)
-            with trace(lm, chunk):
+            with trace(lm, chunk) as tracer:
                 for layer in in_order:
                     saved.append(resid_pre(lm, layer)[rows, pos.clamp(min=0)].save())
+                tracer.stop()    # the later blocks and the unembedding are not needed
             stacked = torch.stack([saved[in_order.index(layer)].float().cpu()
                                    for layer in layers])
             out.append(stacked.masked_fill((pos < 0)[None, :, :, None], float("nan")))
