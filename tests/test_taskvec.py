@@ -103,6 +103,10 @@ def test_resid_pre_is_hf_hidden_states(toy_lm, few):
     rows = torch.arange(len(few)).unsqueeze(-1)
     for layer in layers:
         torch.testing.assert_close(got[layer], hidden[layer][rows, few.separator_pos])
+    # a subset out of order (the trace stops after the deepest layer read): same values
+    some = collect_residuals(toy_lm, few.model_inputs(), [3, 0], few.separator_pos, batch_size=4)
+    assert torch.equal(some[0].nan_to_num(), got[3].nan_to_num())
+    assert torch.equal(some[1].nan_to_num(), got[0].nan_to_num())
 
 
 def test_task_vector_is_mean_over_separators(toy_lm, few):
