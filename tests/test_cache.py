@@ -191,3 +191,20 @@ def test_task_vector_variants_are_labelled_when_computed_and_when_cached(toy_lm,
         for table in (first, again):
             assert set(table.method) == {"zero-shot", "ICL", label}
         assert first.equals(again)
+
+
+def test_task_vector_variants_in_one_table_with_the_baselines_once(toy_lm, tmp_path,
+                                                                   monkeypatch):
+    from tvlib.experiments import run_task_vector_sweep, run_task_vector_variants
+    monkeypatch.setattr("tvlib.cache.CACHE_DIR", tmp_path / "cache")
+    cfg = PromptConfig(n_prompts=4, n_shots=4, n_eval=6)
+    both = run_task_vector_variants(toy_lm, ["antonyms"], [3, 4], cfg,
+                                    [["add", "all"], ["replace", "last"]])
+    assert list(both.method.value_counts().sort_index().items()) == [
+        ("ICL", 1), ("TV", 2), ("TV (replace, last)", 2), ("zero-shot", 1)]
+    hendel = run_task_vector_sweep(toy_lm, ["antonyms"], [3, 4], cfg, "last", "replace")
+    rows = both[both.method == "TV (replace, last)"].reset_index(drop=True)
+    assert rows.equals(hendel[hendel.method == "TV (replace, last)"].reset_index(drop=True))
+    for bad in ([], [["add", "all"], ["add", "all"]], [["add"]]):
+        with pytest.raises(ValueError, match="distinct \\(mode, positions\\) pairs"):
+            run_task_vector_variants(toy_lm, ["antonyms"], [4], cfg, bad)

@@ -19,7 +19,7 @@ from tvlib.features import corpus_texts, read_features, tokenize_corpus
 from tvlib.models import (PRESETS, blocks, d_model, get_preset, load_model, load_sae,
                           model_dtype, n_layers)
 from tvlib.models import check_sae_site, sae_site
-from tvlib.standins import ARCHITECTURES, make_standin
+from tvlib.standins import ARCHITECTURES, make_standin, sae_architecture
 from tvlib.taskvec import Steering, score, task_vectors
 from tvlib.tasks import load_task
 
@@ -40,6 +40,16 @@ def folder(preset):
 
 def test_every_real_preset_has_a_standin():
     assert set(ARCHITECTURES) == set(PRESETS) - {"toy"}
+
+
+@pytest.mark.parametrize("name, architecture", [
+    ("gemma-3-270m-offline", "jumprelu"),      # as the shipped data/gemma-3-270m SAEs
+    ("gemma-3-270m", "jumprelu"), ("gemma-2-2b", "jumprelu"), ("gpt2", "standard")])
+def test_standin_saes_have_the_presets_architecture(name, architecture, standins):
+    assert sae_architecture(PRESETS[name]) == architecture
+    preset = standins[name]
+    sae = load_sae(folder(preset), preset.resid_pre_layers_with_sae()[0], device="cpu")
+    assert sae.cfg.architecture() == architecture
 
 
 @pytest.mark.parametrize("name", ["toy", *ARCHITECTURES])

@@ -180,6 +180,21 @@ def run_task_vector_sweep(lm, tasks, layers=None, prompt_cfg: PromptConfig | Non
     return table
 
 
+def run_task_vector_variants(lm, tasks, layers=None, prompt_cfg: PromptConfig | None = None,
+                             variants=(("add", "all"),), batch_size: int = 32,
+                             refresh: bool = False) -> pd.DataFrame:
+    """``run_task_vector_sweep`` for each (mode, positions) variant, in one table: each
+    variant's rows labelled ``tv_method(mode, positions)``, the baselines once."""
+    variants = [tuple(v) for v in variants]
+    if not variants or any(len(v) != 2 for v in variants) or len(set(variants)) < len(variants):
+        raise ValueError(f"variants={variants!r}: pass distinct (mode, positions) pairs, "
+                         "e.g. [('add', 'all'), ('replace', 'last')]")
+    tables = [run_task_vector_sweep(lm, tasks, layers, prompt_cfg, positions, mode,
+                                    batch_size, refresh) for mode, positions in variants]
+    later = [t[~t.method.isin(["zero-shot", "ICL"])] for t in tables[1:]]
+    return pd.concat([tables[0], *later], ignore_index=True)
+
+
 def tv_method(mode: str = "add", positions: str = "all") -> str:
     """The method label of a task vector: "TV" as the writeup builds and applies it (mean
     of every separator, added), else e.g. "TV (replace, last)" (Hendel et al.)."""

@@ -86,6 +86,16 @@ def save_authors_sae(folder: Path, weights: dict, generator: torch.Generator,
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "sae_weights.safetensors"))
 
 
+def sae_architecture(preset: Preset) -> str:
+    """The architecture of a sae-lens preset's SAEs: read from the first one's cfg.json
+    when they are shipped in a local folder, JumpReLU for Gemma Scope, else standard."""
+    if preset.sae_dir is not None:
+        cfg = Path(preset.sae_dir) / preset.sae_id.format(layer=preset.sae_layers[0]) / "cfg.json"
+        if cfg.is_file():
+            return json.loads(cfg.read_text(encoding="utf-8"))["architecture"]
+    return "jumprelu" if "gemma-scope" in (preset.sae_release or "") else "standard"
+
+
 def make_standin(preset_name: str, out_dir: str | Path, n_layers: int = 4, d_model: int = 64,
                  expansion: int = 4, seed: int = 0) -> Preset:
     """Write a stand-in for ``preset_name`` into ``out_dir``; return its preset."""
@@ -122,9 +132,7 @@ def make_standin(preset_name: str, out_dir: str | Path, n_layers: int = 4, d_mod
             save_authors_sae(sae_dir / folder_name, weights, generator,
                              mean_norm=2 * math.sqrt(d_model))   # a norm factor of 1/2
         else:
-            jumprelu = "gemma-scope" in (real.sae_release or "") or preset_name.endswith("-offline")
-            architecture = "jumprelu" if jumprelu else "standard"
-            save_sae_lens_sae(sae_dir / folder_name, architecture, weights,
+            save_sae_lens_sae(sae_dir / folder_name, sae_architecture(real), weights,
                               f"blocks.{block}.hook_{real.sae_site}")
 
     corpus = json.loads((TOY_DIR / "corpus.json").read_text(encoding="utf-8"))[:40]
