@@ -2,6 +2,7 @@
 the card's measurements, and the build that writes them beside a preset."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,14 +109,12 @@ def test_trained_sae_learns_and_round_trips_through_its_folder(tmp_path, toy_lm)
     quality = sae_quality(sae, resid)
     assert quality["fvu"] < 0.2 and 4 < quality["l0"] < 64
     assert sae.cfg.architecture() == "jumprelu"
-    save_sae(sae, tmp_path / "sae", cfg, {"note": "test"})
-    stored = json.loads((tmp_path / "sae" / "training.json").read_text())
-    assert stored == {"note": "test"}
+    loaded = save_sae(sae, tmp_path / "sae", cfg.save_dtype)
     from safetensors.torch import load_file
     on_disk = load_file(str(tmp_path / "sae" / "sae_weights.safetensors"))
     assert on_disk["W_enc"].dtype == torch.float16 and on_disk["b_enc"].dtype == torch.float32
     from sae_lens import SAE
-    loaded = SAE.load_from_disk(str(tmp_path / "sae"))
+    assert torch.equal(SAE.load_from_disk(str(tmp_path / "sae")).W_enc, loaded.W_enc)
     assert loaded.W_enc.dtype == torch.float32
     assert sae_quality(loaded, resid)["fvu"] == pytest.approx(quality["fvu"], rel=1e-2)
     again = train_sae(resid, "blocks.2.hook_resid_post", cfg, log=lambda _: None)
@@ -138,7 +137,13 @@ def test_build_writes_saes_corpus_and_card_beside_the_preset(tmp_path):
     for row in card["saes"]:
         sae = load_sae(str(folder), row["layer"], device="cpu")     # site checked on load
         assert sae.cfg.metadata.hook_name == f"blocks.{row['layer'] - 1}.hook_resid_post"
+        assert sae.cfg.d_sae == 128                                 # the stand-in's replaced
         assert row["loss_zero"] > row["loss_clean"] - 1 and 0 <= row["dead_fraction"] <= 1
+        assert row["seed"] == cfg.training.seed + row["layer"]
+        site = Path(preset.sae_dir) / preset.sae_id.format(layer=row["layer"] - 1)
+        record = json.loads((site / "training.json").read_text())
+        assert record["card"] == row and record["preset"] == preset.name
+    assert not list(folder.glob("*-previous"))
     assert "| 1 | resid_post 0 | 128 |" in (folder / "MODEL_CARD.md").read_text()
     assert lm.preset.name == "gemma-3-270m-offline-standin"
     with pytest.raises(ValueError, match="leave none to train on"):

@@ -17,11 +17,16 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
 
-from .cache import CacheWarning, digest, folder_digest, write_atomic
+from .cache import LIBRARIES, CacheWarning, digest, folder_digest, write_atomic
+
+# Bump when the sampling, the seeding or what a chunk holds changes: old chunks are then
+# sampled again rather than reused.
+GENERATION_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -107,9 +112,10 @@ def sample_chunk(model, tokenizer, cfg: GenerationConfig, chunk: int) -> dict[st
 
 def chunk_folder(model_dir: str | Path, cfg: GenerationConfig, cache_dir: Path) -> Path:
     """The cache folder of this model's texts under these settings (any n_texts)."""
-    key = {"model": folder_digest(Path(model_dir)), "torch": torch.__version__,
+    key = {"format": GENERATION_FORMAT, "model": folder_digest(Path(model_dir)),
+           "libraries": {name: version(name) for name in LIBRARIES},
            **{k: v for k, v in asdict(cfg).items() if k != "n_texts"}}
-    return Path(cache_dir) / f"generated-{digest(key)[:16]}"
+    return Path(cache_dir) / f"generated-{digest(key)}"
 
 
 def _load_chunk(path: Path, cfg: GenerationConfig) -> dict[str, torch.Tensor] | None:
@@ -120,6 +126,7 @@ def _load_chunk(path: Path, cfg: GenerationConfig) -> dict[str, torch.Tensor] | 
     try:
         tensors = load_file(str(path))
         ok = (tensors["ids"].shape == (cfg.batch_size, cfg.n_tokens + 1)
+              and tensors["mask"].shape == (cfg.batch_size, cfg.n_tokens - 1)
               and all(tensors[f"resid_{layer}"].shape[:2] == (cfg.batch_size, cfg.n_tokens - 1)
                       for layer in cfg.layers))
     except Exception as error:          # truncated or garbage file: sample it again

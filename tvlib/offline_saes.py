@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from .generated_text import GenerationConfig, generate
-from .models import get_preset, load_model, model_source
+from .cache import write_atomic
+from .models import check_sae_site, get_preset, load_model, model_source
 from .paths import REPO_ROOT
 from .sae_training import SAETrainingConfig, loss_change, sae_quality, save_sae, train_sae
 
@@ -81,7 +82,7 @@ def build(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = BuildCon
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
-        saes, rows = {}, []
+        saes, rows, folders = {}, [], {}
         for layer in layers:
             block = layer - 1                               # resid_post block = resid_pre - 1
             t = time.time()
@@ -90,10 +91,14 @@ def build(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = BuildCon
             log(f"layer {layer}: training on {resid.shape[0]} residuals")
             sae = train_sae(resid, f"blocks.{block}.hook_resid_post", training, log=log)
             sae.cfg.metadata.model_name = preset.name
+            # measured as saved (matrices in save_dtype), not as trained
+            folders[layer] = scratch / "saes" / preset.sae_id.format(layer=block)
+            sae = save_sae(sae, folders[layer], training.save_dtype)
+            check_sae_site(sae, lm, layer)
             quality = sae_quality(sae, _masked(heldout, f"resid_{layer}"))
             rows.append({"layer": layer, "site": f"resid_post {block}", "d_sae": sae.cfg.d_sae,
                          **quality, "train_tokens": int(resid.shape[0]),
-                         "seconds": round(time.time() - t, 1)})
+                         "seed": training.seed, "seconds": round(time.time() - t, 1)})
             saes[layer] = sae
             log(f"  FVU {quality['fvu']:.3f}  L0 {quality['l0']:.1f}  "
                 f"dead {quality['dead_fraction']:.3f}  ({rows[-1]['seconds']} s)")
@@ -102,19 +107,18 @@ def build(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = BuildCon
         mask = torch.cat([chunk["mask"] for chunk in heldout])[:cfg.loss_texts]
         losses = loss_change(lm, saes, ids, mask)
         seconds["loss_change"] = round(time.time() - t, 1)
+        build_record = {**asdict(cfg), "generation": asdict(generation)}
         for row in rows:
             row.update(losses[row["layer"]])
-        for row, (layer, sae) in zip(rows, saes.items()):
-            save_sae(sae, scratch / "saes" / preset.sae_id.format(layer=layer - 1),
-                     cfg.training, {"preset": preset.name,
-                                    "build": {**asdict(cfg), "generation": asdict(generation)},
-                                    "card": row})
+            record = json.dumps({"preset": preset.name, "build": build_record, "card": row},
+                                indent=2)
+            write_atomic(folders[row["layer"]] / "training.json",
+                         lambda tmp, record=record: tmp.write_text(record))
 
         texts = _texts(lm.tokenizer, heldout)
         (scratch / "corpus.json").write_text(json.dumps(texts, ensure_ascii=False, indent=0) + "\n",
                                              encoding="utf-8")
         seconds["total"] = round(time.time() - start, 1)
-        build_record = {**asdict(cfg), "generation": asdict(generation)}
         card = {"preset": preset.name, "model": preset.model_id,
                 "build": build_record, "saes": rows, "seconds": seconds,
                 "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -131,11 +135,18 @@ def build(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = BuildCon
 
 def _move_into(scratch: Path, out_dir: Path) -> None:
     """Each entry of ``scratch`` replaces the one of that name in ``out_dir``; the old one
-    survives (as NAME-previous) until the new one is in. Other files are left alone."""
+    survives (as NAME-previous) until the new one is in. Other files are left alone.
+    The card files move last, so an interrupted move never leaves a card describing
+    SAEs that are not there."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for entry in sorted(scratch.iterdir()):
+    last = ("card.json", "MODEL_CARD.md")
+    for entry in sorted(scratch.iterdir(), key=lambda e: (e.name in last, e.name)):
         target = out_dir / entry.name
         backup = out_dir / f"{entry.name}-previous"
+        if backup.is_dir():             # left by an interrupted earlier move
+            shutil.rmtree(backup)
+        elif backup.exists():
+            backup.unlink()
         if target.exists():
             target.rename(backup)
         entry.rename(target)

@@ -90,29 +90,27 @@ def train_sae(resid: torch.Tensor, hook_name: str, cfg: SAETrainingConfig, log=p
         return SAE.load_from_disk(tmp, device="cpu")
 
 
-def save_sae(sae, folder: Path, cfg: SAETrainingConfig, record: dict) -> None:
-    """``sae`` in sae-lens's folder format, tensors in ``cfg.save_dtype``, config float32.
-
-    ``record`` (training settings, data, measurements) is stored beside it as
-    ``training.json``.
-    """
+def save_sae(sae, folder: Path, save_dtype: str = "float16"):
+    """``sae`` in sae-lens's folder format, matrices in ``save_dtype``, config float32;
+    returns the SAE read back from the folder (what is shipped, to be measured)."""
     from safetensors.torch import save_file
+    from sae_lens import SAE
 
     from .cache import write_atomic
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    dtype = getattr(torch, cfg.save_dtype)     # matrices only: biases and thresholds
+    dtype = getattr(torch, save_dtype)         # matrices only: biases and thresholds
     state = {name: tensor.detach().to(dtype if tensor.dim() == 2 else torch.float32).contiguous()
              for name, tensor in sae.state_dict().items()}      # are small, kept exact
     for name, tensor in state.items():
         if not torch.isfinite(tensor).all():
-            raise FloatingPointError(f"{name} does not fit in {cfg.save_dtype}: save in float32")
+            raise FloatingPointError(f"{name} does not fit in {save_dtype}: save in float32")
     write_atomic(folder / "sae_weights.safetensors", lambda tmp: save_file(state, str(tmp)))
     config = sae.cfg.to_dict()
     config["dtype"] = "float32"     # computations stay float32 whatever the file holds
     write_atomic(folder / "cfg.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
-    write_atomic(folder / "training.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2)))
+    return SAE.load_from_disk(str(folder), device="cpu")
 
 
 @torch.no_grad()
