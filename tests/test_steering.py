@@ -16,7 +16,10 @@ def batches(toy_lm):
 
 def test_scale_zero_reproduces_base_loss(toy_lm, batches):
     grid = steering_grid(toy_lm, batches, 4, load_sae("toy", 4), [1, 2, 3], scale=0.0)
-    assert (grid.loss == grid.base_loss).all() and (grid.relative_change == 0).all()
+    # equal up to float rounding: the steered pass stacks 3 copies of the prompts, and a
+    # matrix product of another height may round its last bit differently
+    assert grid.loss.tolist() == pytest.approx(grid.base_loss.tolist(), rel=1e-6, abs=1e-9)
+    assert grid.relative_change.abs().max() < 1e-6
 
 
 def test_batched_grid_equals_per_cell_loop(toy_lm, batches):

@@ -150,7 +150,9 @@ def test_logits_only_at_scored_positions_match_full_logits(toy_lm):
         scores = score(toy_lm, batch)
     finally:
         hook.remove()
-    assert seen == [(3, 2, toy_lm._module.config.vocab_size)]   # (prompts, n_first, V) only
+    n_scored = int((batch.target_pos >= 0).sum())                 # 1 + 2 + 1 answer tokens
+    assert n_scored == 4
+    assert seen == [(n_scored, toy_lm._module.config.vocab_size)]   # scored tokens only
     logits = toy_lm._module(**batch.model_inputs()).logits                     # (B, T, V)
     rows = torch.arange(len(batch)).unsqueeze(-1)
     full = answer_nll(logits[rows, (batch.target_pos - 1).clamp(min=0)], batch.targets)

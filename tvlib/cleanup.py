@@ -66,10 +66,9 @@ penalty is ``f_i ||W_dec[i]||``, the norm-weighted form the default uses), and a
 mean of residuals is usually shorter than a residual, so the two are equal only
 approximately; "sae" reproduces their numbers, "norm_scaled" transfers.
 
-Speed: the blocks before L see the same input every step, so their output is
-computed once and each step's trace skips them; the unembedding runs only on the
-positions that predict the answers (``taskvec.logits_at_targets``); prompts are
-tokenised once.
+Speed: what the vector does not change (the blocks before L, the tokens before
+the steer token, the unembedding at unscored positions) is computed once or not
+at all (``tvlib.steered_loss``); prompts are tokenised once.
 """
 
 from __future__ import annotations
@@ -81,12 +80,11 @@ from numbers import Integral, Real
 import torch
 from tqdm.auto import tqdm
 
-from .models import (blocks, check_layer, check_sae_site, model_device, model_dtype,
-                     require_local, to_model, trace)
+from .models import check_layer, check_sae_site, require_local
 from .prompts import PromptBatch
 from .pursuit import SELECTIONS, gradient_pursuit
-from .taskvec import (Steering, answer_nll, apply_steering, check_scored, collect_residuals,
-                      logits_at_targets, score)
+from .steered_loss import SteeredNLL
+from .taskvec import Steering, check_scored, score
 
 INITS = ("encoder", "pursuit")
 ACTIVATIONS = ("sae", "relu")
@@ -286,12 +284,7 @@ def cleanup(lm, sae, layer: int, tv: torch.Tensor, train: PromptBatch,
     optimizer = torch.optim.Adam([delta], lr=cfg.lr)
     decode = lambda w: sae.decode(w.to(sae.W_dec.dtype)).float()        # noqa: E731
 
-    # The blocks before `layer` see the same tokens every step: run them once.
-    inputs = to_model(lm, train.model_inputs())
-    if layer > 0:
-        positions = torch.arange(train.input_ids.shape[1]).expand_as(train.input_ids)
-        cached = collect_residuals(lm, inputs, [layer], positions, len(train))[0]   # (B, T, d)
-        cached = cached.to(device=model_device(lm), dtype=model_dtype(lm))
+    steered_nll = SteeredNLL(lm, layer, train)     # shares the work that v does not change
 
     result = CleanupResult(weights=act(theta0).detach().cpu(),
                            vector=decode(act(theta0)).detach().cpu(),
@@ -303,15 +296,7 @@ def cleanup(lm, sae, layer: int, tv: torch.Tensor, train: PromptBatch,
         w = act(theta0 + delta * unit)                                   # (F,)
         v = decode(w)                                                    # (d,)
         l1 = (w / unit).sum()
-        saved = {}
-        with trace(lm, inputs):
-            if layer > 0:
-                start = cached.clone()     # edited in place below: keep the cache clean
-                for block in blocks(lm)[:layer]:
-                    block.skip(start)
-            apply_steering(lm, Steering(layer, v), train)
-            saved["nll"] = answer_nll(logits_at_targets(lm, train), train.targets).mean().save()
-        nll = saved["nll"].to(l1.device)
+        nll = steered_nll(v).mean().to(l1.device)
         loss = nll + cfg.lam * l1
         if not torch.isfinite(loss):
             raise CleanupDiverged(

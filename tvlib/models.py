@@ -223,9 +223,9 @@ def model_dtype(lm) -> torch.dtype:
 
 
 def to_model(lm, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Model inputs moved to the model's input device."""
+    """Model inputs moved to the model's input device (tensors; other arguments as given)."""
     device = model_device(lm)
-    return {k: v.to(device) for k, v in inputs.items()}
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
 def context_length(lm) -> int | None:

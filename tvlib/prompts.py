@@ -279,6 +279,15 @@ class PromptBatch:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
                 "position_ids": self.position_ids}
 
+    def scored_tokens(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every scored answer token, prompt by prompt: (rows, predict_pos, targets), each (N,).
+
+        ``predict_pos`` is the position whose logits predict the token (its own - 1).
+        """
+        rows, slot = (self.target_pos >= 0).nonzero(as_tuple=True)        # row-major order
+        pos = self.target_pos[rows, slot]
+        return rows, pos - 1, self.input_ids[rows, pos]
+
     def select(self, rows: slice | torch.Tensor) -> PromptBatch:
         """A sub-batch (the padding width is kept, so positions stay valid)."""
         index = torch.arange(len(self))[rows]

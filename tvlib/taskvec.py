@@ -91,32 +91,52 @@ def answer_nll(logits_at_targets: torch.Tensor, targets: torch.Tensor) -> torch.
     return -(picked * (targets >= 0)).sum(-1)
 
 
-def score_logits(logits_at_targets: torch.Tensor, targets: torch.Tensor,
-                 keep_logits: bool = False) -> Scores:
-    """Scores from logits gathered at the positions predicting each target (as above)."""
-    nll = answer_nll(logits_at_targets, targets)
-    first = logits_at_targets[:, 0].float()
-    correct = first.argmax(-1) == targets[:, 0]
-    return Scores(nll, correct, targets[:, 0], first if keep_logits else None)
+def scored_nll(token_logits: torch.Tensor, batch: PromptBatch) -> torch.Tensor:
+    """(B,) NLL of each answer summed over its scored tokens (differentiable).
 
-
-def logits_at_targets(lm, batch: PromptBatch) -> torch.Tensor:
-    """Inside a trace: (B, n_first, V) logits predicting each scored answer token
-    (absent tokens give position 0's logits; their targets are -1).
-
-    The unembedding's input is replaced by the (B, n_first) final hidden states
-    that predict the answers, so the unembedding (and any logit soft-capping after
-    it) runs on those alone, as one contiguous matrix product: with a 262k-token
-    vocabulary it is otherwise the largest cost of a step on small real models.
+    token_logits: (N, V), the logits predicting each of ``batch.scored_tokens()``
+    (what ``logits_at_targets`` returns).
     """
-    rows = torch.arange(len(batch)).unsqueeze(-1)
+    rows, _, targets = batch.scored_tokens()
+    logprobs = token_logits.float().log_softmax(-1)
+    rows, targets = rows.to(logprobs.device), targets.to(logprobs.device)
+    picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)         # (N,)
+    return torch.zeros(len(batch), device=logprobs.device).index_add(0, rows, -picked)
+
+
+def score_tokens(token_logits: torch.Tensor, batch: PromptBatch,
+                 keep_logits: bool = False) -> Scores:
+    """Scores from the logits predicting each scored token, (N, V) as above."""
+    counts = (batch.target_pos >= 0).sum(-1)                                # (B,)
+    # slots fill from the left, so each answer's first token opens its run of rows
+    first = token_logits[counts.cumsum(0) - counts].float()                 # (B, V)
+    first_targets = batch.targets[:, 0]
+    correct = first.argmax(-1) == first_targets.to(first.device)
+    return Scores(scored_nll(token_logits, batch), correct.cpu(), first_targets,
+                  first if keep_logits else None)
+
+
+def logits_at_targets(lm, batch: PromptBatch, start: int = 0) -> torch.Tensor:
+    """Inside a trace: (N, V) logits predicting each of ``batch.scored_tokens()``.
+
+    The unembedding's input is replaced by the (N, d) final hidden states that
+    predict the scored tokens, so the unembedding (and any logit soft-capping
+    after it) runs on those alone, as one matrix product: with a 262k-token
+    vocabulary it is otherwise the largest cost of a step on small real models.
+    ``start``: the batch position of the trace's first token, when the trace runs
+    the prompts from there on (``steered_loss``).
+    """
+    rows, predict_pos, _ = batch.scored_tokens()
     head = lm.lm_head
-    head.input = head.input[rows, (batch.target_pos - 1).clamp(min=0)]        # (B, n, d)
+    head.input = head.input[rows, predict_pos - start]                      # (N, d)
     return lm.output.logits
 
 
-def apply_steering(lm, steering: Steering | None, batch: PromptBatch) -> None:
-    """Inside a trace: write the steering into the residual stream."""
+def apply_steering(lm, steering: Steering | None, batch: PromptBatch, start: int = 0) -> None:
+    """Inside a trace: write the steering into the residual stream.
+
+    ``start``: the batch position of the trace's first token (as above).
+    """
     if steering is None:
         return
     h = resid_pre(lm, steering.layer)                  # (B, T, d)
@@ -124,9 +144,9 @@ def apply_steering(lm, steering: Steering | None, batch: PromptBatch) -> None:
     rows = torch.arange(len(batch))
     vector = steering.vector.to(device=h.device, dtype=h.dtype)
     if steering.mode == "add":
-        h[rows, batch.steer_pos] += vector
+        h[rows, batch.steer_pos - start] += vector
     else:
-        h[rows, batch.steer_pos] = vector.expand(len(batch), -1).clone()
+        h[rows, batch.steer_pos - start] = vector.expand(len(batch), -1).clone()
 
 
 def score(lm, batch: PromptBatch, steering: Steering | None = None,
@@ -149,8 +169,8 @@ def score(lm, batch: PromptBatch, steering: Steering | None = None,
                 chunk_steering = Steering(steering.layer, steering.vector[rows], steering.mode)
             with trace(lm, chunk.model_inputs()):
                 apply_steering(lm, chunk_steering, chunk)
-                logits = logits_at_targets(lm, chunk).save()
-            parts.append(score_logits(logits.cpu(), chunk.targets, keep_logits))
+                logits = logits_at_targets(lm, chunk).save()                # (N, V)
+            parts.append(score_tokens(logits.cpu(), chunk, keep_logits))
     joined = {f: torch.cat([getattr(p, f) for p in parts])
               for f in ("nll", "correct", "first_targets")}
     logits = torch.cat([p.first_logits for p in parts]) if keep_logits else None
