@@ -17,16 +17,19 @@ import time
 import torch
 from common import add_at, parse_args
 
-from tvlib.cleanup import CleanupConfig, _activation, cleanup, feature_units, initial_theta
+from tvlib.cleanup import CleanupConfig, cleanup
+from tvlib.feature_weights import activation_function, feature_units, initial_theta
 from tvlib.experiments import PromptConfig, build_task_prompts, model_tasks
-from tvlib.models import load_model, load_sae
-from tvlib.taskvec import answer_nll, task_vectors
+from tvlib.models import load_model
+from tvlib.saes import load_sae
+from tvlib.engine import answer_nll
+from tvlib.taskvec import task_vectors
 
 
 def plain_pytorch_loop(lm, sae, layer, tv, train, cfg: CleanupConfig, steps: int):
     """The reference: hooks on the Hugging Face model, full forward each step."""
     model = lm._module
-    act = _activation(sae)
+    act = activation_function(sae)
     theta0 = initial_theta(sae, tv)
     unit = feature_units(sae, tv).to(theta0.device)     # (F,) lr and L1 in norm-scaled units
     delta = torch.zeros_like(theta0, requires_grad=True)

@@ -14,7 +14,8 @@ import time
 from common import parse_args
 
 from tvlib.experiments import PromptConfig, build_task_prompts, model_tasks
-from tvlib.models import load_model, load_sae
+from tvlib.models import load_model
+from tvlib.saes import load_sae
 from tvlib.steering import steering_grid, steering_grid_loop
 
 TASKS = ["antonyms", "en_es", "en_fr", "country_capital", "location_language",

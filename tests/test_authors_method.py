@@ -9,8 +9,9 @@ import torch.nn.functional as F
 
 from tvlib.authors_sae import convert_authors_weights, load_authors_sae
 from tvlib.cleanup import CleanupConfig, cleanup
-from tvlib.models import get_preset
-from tvlib.prompts import few_shot_prompts, tokenize_prompts, zero_shot_prompts
+from tvlib.presets import get_preset
+from tvlib.prompt_batch import tokenize_prompts
+from tvlib.prompts import few_shot_prompts, zero_shot_prompts
 from tvlib.standins import random_sae_weights, save_authors_sae
 from tvlib.taskvec import task_vectors
 from tvlib.tasks import load_task

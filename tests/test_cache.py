@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from tvlib.cache import (CacheWarning, cached_table, cached_tables, digest, result_key,
                          write_atomic)
 from tvlib.experiments import PromptConfig, run_sae_view_sweep
-from tvlib.models import PRESETS, get_preset, load_model, preset_to_json
+from tvlib.models import load_model
+from tvlib.presets import get_preset, preset_to_json, PRESETS
 from tvlib.paths import TOY_DIR
 
 KEY = {"experiment": "sweep", "format": 3, "config": {"task": "a", "layers": [1, 2]}}
@@ -208,3 +209,47 @@ def test_task_vector_variants_in_one_table_with_the_baselines_once(toy_lm, tmp_p
     for bad in ([], [["add", "all"], ["add", "all"]], [["add"]]):
         with pytest.raises(ValueError, match="distinct \\(mode, positions\\) pairs"):
             run_task_vector_variants(toy_lm, ["antonyms"], [4], cfg, bad)
+
+
+def test_sweeps_cache_each_task_and_layer_and_share_the_baselines(toy_lm, tmp_path,
+                                                                 monkeypatch):
+    """A sweep over other layers reuses the layers already run; the zero-shot and ICL rows
+    are computed once for every experiment on the same prompts; the cached table equals
+    the uncached sweep."""
+    import tvlib.experiments.cleanup_sweeps as cleanup_sweeps
+    import tvlib.experiments.runner as runner
+    from tvlib.cleanup import CleanupConfig
+    from tvlib.experiments import (build_task_prompts, model_tasks, run_cleanup_sweep,
+                                   run_task_vector_sweep, task_vector_sweep)
+    monkeypatch.setattr("tvlib.cache.CACHE_DIR", tmp_path / "cache")
+    calls = {"cleanup": [], "baselines": 0}
+    cleanup_layers, baseline_table = cleanup_sweeps.cleanup_layers, runner.baseline_table
+
+    def count_layers(lm, prompts, layers, *args):
+        calls["cleanup"].append(list(layers))
+        return cleanup_layers(lm, prompts, layers, *args)
+
+    def count_baselines(*args, **kwargs):
+        calls["baselines"] += 1
+        return baseline_table(*args, **kwargs)
+
+    monkeypatch.setattr(cleanup_sweeps, "cleanup_layers", count_layers)
+    monkeypatch.setattr(runner, "baseline_table", count_baselines)
+    cfg = PromptConfig(n_prompts=4, n_shots=4, n_eval=6, n_train=6)
+    quick = CleanupConfig(max_steps=3, progress=False)
+
+    wide = run_cleanup_sweep(toy_lm, ["antonyms"], [3, 4], cfg, quick)
+    narrow = run_cleanup_sweep(toy_lm, ["antonyms"], [4, 5], cfg, quick)
+    assert calls["cleanup"] == [[3, 4], [5]]              # layer 4 came from the cache
+    pd.testing.assert_frame_equal(
+        wide["scores"][wide["scores"].layer == 4].reset_index(drop=True),
+        narrow["scores"][narrow["scores"].layer == 4].reset_index(drop=True))
+    tv = run_task_vector_sweep(toy_lm, ["antonyms"], [2, 4], cfg)
+    assert calls["baselines"] == 1                        # shared by both experiments
+    base = lambda t: t[t.layer.isna()].reset_index(drop=True)   # noqa: E731
+    pd.testing.assert_frame_equal(base(tv), base(wide["scores"])[tv.columns])
+
+    prompts = build_task_prompts(toy_lm.tokenizer, model_tasks(toy_lm, ["antonyms"])["antonyms"],
+                                 cfg)
+    pd.testing.assert_frame_equal(tv, task_vector_sweep(toy_lm, prompts, [2, 4]),
+                                  check_exact=False, rtol=1e-6)

@@ -5,15 +5,19 @@ import pytest
 import torch
 from sae_lens import SAE, StandardSAEConfig, TopKSAEConfig
 
-import tvlib.cleanup
+import tvlib.feature_weights
 from tests.test_pursuit import HAND_D, HAND_X
 from tests.test_sae_views import ARCHITECTURES, random_sae
-from tvlib.cleanup import (CleanupConfig, CleanupDiverged, _activation, cleanup, feature_units,
-                           initial_theta, sae_threshold)
-from tvlib.models import get_preset, load_sae
-from tvlib.prompts import few_shot_prompts, tokenize_prompts, zero_shot_prompts
+from tvlib.cleanup import CleanupConfig, CleanupDiverged, cleanup
+from tvlib.feature_weights import (activation_function, feature_units, initial_theta,
+                                  sae_threshold)
+from tvlib.presets import get_preset
+from tvlib.saes import load_sae
+from tvlib.prompt_batch import tokenize_prompts
+from tvlib.prompts import few_shot_prompts, zero_shot_prompts
 from tvlib.pursuit import gradient_pursuit
-from tvlib.taskvec import Steering, answer_nll, score, task_vectors
+from tvlib.engine import Steering, answer_nll, score
+from tvlib.taskvec import task_vectors
 from tvlib.tasks import load_task
 
 TASK = load_task("antonyms").head(get_preset("toy").max_pairs_per_task)   # words it knows
@@ -41,7 +45,7 @@ def test_initial_weights_are_the_sae_encoding(architecture, activation):
     for seed in range(20):
         tv = 3 * torch.randn(128, generator=torch.Generator().manual_seed(seed))
         theta0 = initial_theta(sae, tv, activation=activation)
-        assert torch.equal(_activation(sae, activation)(theta0), sae.encode(tv[None])[0])
+        assert torch.equal(activation_function(sae, activation)(theta0), sae.encode(tv[None])[0])
 
 
 # ---------------------------------------------------------------- the gate of gated SAEs
@@ -60,7 +64,7 @@ def test_gate_as_threshold_reproduces_the_gated_encoder():
         with torch.no_grad():
             _, cache = sae.run_with_cache(x)
             m, f = cache["hook_sae_acts_pre"], sae.encode(x)                # (64, F)
-            assert torch.equal(_activation(sae, "sae")(m), f), name
+            assert torch.equal(activation_function(sae, "sae")(m), f), name
             # plain ReLU keeps features whose gate is closed
             assert (torch.relu(m) != f).any(), name
         threshold = (sae.b_mag - sae.b_gate * sae.r_mag.exp()).clamp(min=0).detach()
@@ -74,31 +78,31 @@ def test_initial_weights_of_gated_saes_are_the_encoding_and_the_gate_closes():
         encoding = sae.encode(tv[None])[0].detach()
         for activation in ("sae", "relu"):
             theta0 = initial_theta(sae, tv, activation=activation)
-            assert torch.equal(_activation(sae, activation)(theta0), encoding), name
+            assert torch.equal(activation_function(sae, activation)(theta0), encoding), name
         # a theta moved below a positive gate threshold: w = 0 under "sae" only
         threshold = sae_threshold(sae)
         gated = int(threshold.argmax())
         assert threshold[gated] > 0, name
         theta = theta0.clone()
         theta[gated] = threshold[gated] / 2
-        assert _activation(sae, "sae")(theta)[gated] == 0, name
-        assert _activation(sae, "relu")(theta)[gated] == threshold[gated] / 2, name
+        assert activation_function(sae, "sae")(theta)[gated] == 0, name
+        assert activation_function(sae, "relu")(theta)[gated] == threshold[gated] / 2, name
         theta[gated] = threshold[gated] * 2
-        assert _activation(sae, "sae")(theta)[gated] == threshold[gated] * 2, name
+        assert activation_function(sae, "sae")(theta)[gated] == threshold[gated] * 2, name
 
 
 def test_topk_activation_is_exact_and_other_architectures_are_refused():
     sae = random_sae("topk")
     theta = torch.randn(256, generator=torch.Generator().manual_seed(0))
-    w = _activation(sae, "sae")(theta)
+    w = activation_function(sae, "sae")(theta)
     assert int((w > 0).sum()) == sae.cfg.k                  # 100 of 256 positive: keep 100
     torch.testing.assert_close(w, sae.activation_fn(theta))
     rescaled = SAE.from_dict(TopKSAEConfig(d_in=128, d_sae=256,
                                            rescale_acts_by_decoder_norm=True).to_dict())
     with pytest.raises(ValueError, match="not this 'topk' SAE: pass CleanupConfig"
                                          r"\(activation='relu'\)"):
-        _activation(rescaled, "sae")
-    assert _activation(rescaled, "relu") is torch.relu
+        activation_function(rescaled, "sae")
+    assert activation_function(rescaled, "relu") is torch.relu
 
 
 def test_cleanup_uses_the_gate_by_default(toy_lm, setup):
@@ -200,7 +204,7 @@ def test_steps_match_a_plain_adam_loop(toy_lm, setup, units):
     result = cleanup(toy_lm, sae, layer, s["tv"], train, cfg=CleanupConfig(
         max_steps=steps, lr=lr, lam=lam, units=units, progress=False))
 
-    act, unit = _activation(sae), feature_units(sae, s["tv"], units)
+    act, unit = activation_function(sae), feature_units(sae, s["tv"], units)
     theta = initial_theta(sae, s["tv"]).clone().requires_grad_(True)
     optimizer = torch.optim.Adam([{"params": [theta], "lr": lr}])
     rows = torch.arange(len(train))
@@ -356,8 +360,18 @@ def test_cleanup_passes_the_pursuit_selection_on(toy_lm, setup, monkeypatch):
         seen.append(kwargs.get("selection"))
         return gradient_pursuit(*args, **kwargs)
 
-    monkeypatch.setattr(tvlib.cleanup, "gradient_pursuit", spy)
+    monkeypatch.setattr(tvlib.feature_weights, "gradient_pursuit", spy)
     for selection in ("all", "inactive"):
         cleanup(toy_lm, s["sae"], s["layer"], s["tv"], s["train"], cfg=CleanupConfig(
             max_steps=1, init="pursuit", pursuit_selection=selection, progress=False))
     assert seen == ["all", "inactive"]
+
+
+def test_cleanup_leaves_the_callers_random_state_alone(toy_lm, setup):
+    s = setup
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    cleanup(toy_lm, s["sae"], s["layer"], s["tv"], s["train"],
+            cfg=CleanupConfig(max_steps=2, progress=False), seed=7)
+    assert torch.equal(torch.rand(3), expected)

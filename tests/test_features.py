@@ -3,8 +3,8 @@ import torch
 
 from tvlib.features import (corpus_texts, examples_html, neuronpedia_url, read_features,
                             tokenize_corpus)
-from tvlib.models import load_sae
-from tvlib.taskvec import collect_residuals
+from tvlib.saes import load_sae
+from tvlib.engine import collect_residuals
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_neuronpedia_links_only_where_known():
 def test_corpus_errors(toy_lm):
     import dataclasses
 
-    from tvlib.models import get_preset
+    from tvlib.presets import get_preset
     with pytest.raises(ValueError, match="preset 'toy' names no corpus"):
         corpus_texts(dataclasses.replace(get_preset("toy"), corpus=None))
     with pytest.raises(ValueError, match="empty corpus"):

@@ -11,9 +11,10 @@ import torch
 
 from tvlib.experiments import PromptConfig, build_task_prompts, model_tasks, task_vector_sweep
 from tvlib.features import corpus_texts, tokenize_corpus
-from tvlib.models import load_model, load_sae
+from tvlib.models import load_model
+from tvlib.saes import load_sae
 from tvlib.sae_training import sae_quality
-from tvlib.taskvec import collect_residuals
+from tvlib.engine import collect_residuals
 
 PRESET = "gemma-3-270m-offline"
 TASKS = ("country_capital", "antonyms")

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from tvlib.model_card import CardConfig, measure_saes, measure_tasks, summarise
+from tvlib.toy.card import CardConfig, measure_saes, measure_tasks, summarise
 from tvlib.paths import TOY_DIR
-from tvlib.toy import ToyConfig
+from tvlib.toy.data import ToyConfig
 
 
 @pytest.fixture(scope="module")

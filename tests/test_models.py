@@ -4,7 +4,8 @@ import pytest
 import torch
 import yaml
 
-from tvlib.models import PRESETS, check_sae_fits, get_preset, load_sae
+from tvlib.presets import get_preset, PRESETS
+from tvlib.saes import check_sae_fits, load_sae
 
 
 def sae_catalogue():

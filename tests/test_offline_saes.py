@@ -9,7 +9,8 @@ import torch
 
 from tvlib.cache import CacheWarning
 from tvlib.generated_text import GenerationConfig, chunk_folder, generate
-from tvlib.models import load_model, load_sae
+from tvlib.models import load_model
+from tvlib.saes import load_sae
 from tvlib.offline_saes import BuildConfig, build
 from tvlib.paths import TOY_DIR
 from tvlib.sae_training import SAETrainingConfig, loss_change, sae_quality, save_sae, train_sae

@@ -9,7 +9,8 @@ Todd et al. (github.com/ericwtodd/function_vectors): src/utils/prompt_utils.py
 
 import pytest
 
-from tvlib.prompts import FORMATS, few_shot_prompts, render, tokenize_prompts, zero_shot_prompts
+from tvlib.prompt_batch import tokenize_prompts
+from tvlib.prompts import few_shot_prompts, FORMATS, render, zero_shot_prompts
 from tvlib.tasks import Task, TaskDataError, load_task
 
 LINGUISTIC = Task("antonyms", (("hot", "cold"), ("big", "small"), ("up", "down"),

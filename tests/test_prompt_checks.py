@@ -6,15 +6,16 @@ import re
 
 import pytest
 
-from tvlib.prompts import (FORMATS, PromptFormat, detector_prompts, few_shot_prompts, render,
-                           tokenize_prompts, zero_shot_prompts)
+from tvlib.detectors import detector_prompts
+from tvlib.prompt_batch import tokenize_prompts
+from tvlib.prompts import few_shot_prompts, FORMATS, PromptFormat, render, zero_shot_prompts
 from tvlib.tasks import ALL_TASKS, Task, TaskDataError, load_task
 
 EMBEDDED_PAIRS = 100   # the toy preset keeps the first 100 pairs of each task
 
 
 def test_embedded_preset_limit_is_the_one_checked_here():
-    from tvlib.models import PRESETS
+    from tvlib.presets import PRESETS
     assert PRESETS["toy"].max_pairs_per_task == EMBEDDED_PAIRS
 
 

@@ -1,7 +1,8 @@
 import pytest
 
-from tvlib.prompts import (FORMATS, TOY_FORMATS, detector_prompts, few_shot_prompts, render,
-                           tokenize_prompts, zero_shot_prompts)
+from tvlib.detectors import detector_prompts
+from tvlib.prompt_batch import tokenize_prompts
+from tvlib.prompts import few_shot_prompts, FORMATS, render, TOY_FORMATS, zero_shot_prompts
 from tvlib.tasks import Task, TaskDataError
 
 TASK = Task("toy_antonyms", (("hot", "cold"), ("big", "small"), ("up", "down"),

@@ -16,11 +16,13 @@ from tvlib.cleanup import CleanupConfig, cleanup
 from tvlib.experiments import (PromptConfig, build_task_prompts, run_cleanup_sweep,
                                run_sae_view_sweep, run_steering_matrix, top_cleaned_features)
 from tvlib.features import corpus_texts, read_features, tokenize_corpus
-from tvlib.models import (PRESETS, blocks, d_model, get_preset, load_model, load_sae,
-                          model_dtype, n_layers)
-from tvlib.models import check_sae_site, sae_site
+from tvlib.models import blocks, d_model, load_model, model_dtype, n_layers
+from tvlib.presets import get_preset, PRESETS
+from tvlib.saes import load_sae
+from tvlib.saes import check_sae_site, sae_site
 from tvlib.standins import ARCHITECTURES, make_standin, sae_architecture
-from tvlib.taskvec import Steering, score, task_vectors
+from tvlib.engine import Steering, score
+from tvlib.taskvec import task_vectors
 from tvlib.tasks import load_task
 
 TINY = PromptConfig(n_prompts=3, n_shots=3, n_eval=6, n_train=4)
@@ -262,7 +264,7 @@ def test_cuda_model_in_bfloat16_with_the_sae_on(sae_device, standins):
 
 def test_scripts_encoding_preset_loads_the_scripts_encoding(standins):
     """The authors' scripts' encoding is its own preset, and its own cache identity."""
-    from tvlib.models import sae_identity
+    from tvlib.saes import sae_identity
     scripts, training = standins["gemma-2b-it-authors-scripts"], standins["gemma-2b-it-authors"]
     layer = scripts.task_layer
     sae = load_sae(folder(scripts), layer, device="cpu")

@@ -11,9 +11,10 @@ import torch
 from tvlib.experiments import (PromptConfig, build_task_prompts, run_sae_view_sweep,
                                run_task_vector_sweep)
 from tvlib.features import neuronpedia_url, read_features, tokenize_corpus
-from tvlib.models import load_sae
+from tvlib.saes import load_sae
 from tvlib.steering import feature_directions, steering_grid
-from tvlib.taskvec import Steering, collect_residuals, score, task_vectors
+from tvlib.engine import Steering, collect_residuals, score
+from tvlib.taskvec import task_vectors
 from tvlib.tasks import load_task
 
 TINY = PromptConfig(n_prompts=4, n_shots=4, n_eval=6, n_train=4)
@@ -138,7 +139,8 @@ def test_importing_plotting_keeps_the_notebook_backend():
 # ---- found by probing the public API as a new user would
 
 def test_a_batch_without_answers_is_not_scored_as_perfect(toy_lm):
-    from tvlib.prompts import get_format, render, tokenize_prompts
+    from tvlib.prompt_batch import tokenize_prompts
+    from tvlib.prompts import get_format, render
     batch = tokenize_prompts(toy_lm.tokenizer, [render(get_format("authors"), [], "hot", "cold",
                                                        with_answer=False)])
     with pytest.raises(ValueError, match="1 of 1 prompts have no answer to score"):
@@ -173,7 +175,7 @@ def test_cleanup_report_refuses_repeated_rows(toy_lm):
 
 def test_preset_json_never_reads_folders_from_the_working_directory(tmp_path, monkeypatch):
     import dataclasses
-    from tvlib.models import PRESETS, get_preset, preset_to_json
+    from tvlib.presets import get_preset, preset_to_json, PRESETS
     (tmp_path / "elsewhere" / "saes").mkdir(parents=True)
     (tmp_path / "alone").mkdir()
     preset = dataclasses.replace(PRESETS["toy"], sae_dir="saes")

@@ -3,10 +3,11 @@ import torch
 from sae_lens import (SAE, GatedSAEConfig, JumpReLUSAEConfig, StandardSAEConfig,
                       TopKSAEConfig)
 
-from tvlib.models import check_sae_site, load_sae, sae_site
-from tvlib.prompts import few_shot_prompts, tokenize_prompts
+from tvlib.saes import check_sae_site, load_sae, sae_site
+from tvlib.prompt_batch import tokenize_prompts
+from tvlib.prompts import few_shot_prompts
 from tvlib.sae_views import ito, recon_of_tv, tv_on_recon
-from tvlib.taskvec import collect_residuals
+from tvlib.engine import collect_residuals
 from tvlib.tasks import load_task
 
 ARCHITECTURES = {

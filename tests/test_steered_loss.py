@@ -8,7 +8,8 @@ import torch
 
 import tvlib.steered_loss
 from tvlib.models import d_model, load_model
-from tvlib.prompts import tokenize_prompts, zero_shot_prompts
+from tvlib.prompt_batch import tokenize_prompts
+from tvlib.prompts import zero_shot_prompts
 from tvlib.standins import make_standin
 from tvlib.steered_loss import SteeredNLL
 

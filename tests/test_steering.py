@@ -1,8 +1,10 @@
 import pytest
 import torch
 
-from tvlib.models import load_sae
-from tvlib.prompts import detector_prompts, tokenize_prompts, zero_shot_prompts
+from tvlib.detectors import detector_prompts
+from tvlib.saes import load_sae
+from tvlib.prompt_batch import tokenize_prompts
+from tvlib.prompts import zero_shot_prompts
 from tvlib.steering import feature_directions, steering_grid, steering_grid_loop
 from tvlib.tasks import load_task
 

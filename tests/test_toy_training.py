@@ -2,7 +2,8 @@
 
 import torch
 
-from tvlib.toy import ToyConfig, generate_documents, split_pairs, toy_tasks, train_model
+from tvlib.toy.data import ToyConfig, generate_documents, split_pairs, toy_tasks
+from tvlib.toy.training import train_model
 
 TINY = ToyConfig(train_tokens=16_384, n_layers=2, d_model=32, d_mlp=64, batch_size=8,
                  context=64, warmup_steps=4)
@@ -22,7 +23,7 @@ def test_training_data_is_seeded_and_holds_pairs_out():
 def test_list_tasks_draw_fresh_lists_never_held_out():
     import random
 
-    from tvlib.toy import fresh_list_pairs, is_heldout
+    from tvlib.toy.data import fresh_list_pairs, is_heldout
     pairs = fresh_list_pairs(random.Random(0), "list_last", 500, TINY)
     assert len({x for x, _ in pairs}) == 500
     assert not any(is_heldout(x, TINY) for x, _ in pairs)

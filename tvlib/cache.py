@@ -114,7 +114,8 @@ def result_key(experiment: str, lm, sae_layers: Iterable[int] = (), **config) ->
     sae_layers: resid_pre layers whose SAE the experiment uses;
     config: the experiment's settings (dataclasses, lists, numbers, strings).
     """
-    from .models import model_identity, sae_identity
+    from .models import model_identity
+    from .saes import sae_identity
     return {"format": RESULT_FORMAT, "experiment": experiment,
             "model": model_identity(lm),
             "saes": {str(layer): sae_identity(lm.preset, layer)
@@ -195,6 +196,34 @@ def _write_entry(folder: Path, name: str, key: dict, stored: dict[str, bytes]) -
     write_atomic(folder / f"{name}.json", lambda p: p.write_text(record))
 
 
+def _lookup(key: dict, cache_dir: Path | None) -> dict[str, pd.DataFrame] | None:
+    """The tables stored under ``key``; None if absent or damaged (with a warning)."""
+    folder, name = _entry(key, cache_dir)
+    try:
+        return _read_entry(folder, name, key)
+    except ValueError as err:
+        warnings.warn(f"damaged cache entry: {err}; recomputing it", CacheWarning, stacklevel=3)
+        return None
+
+
+def _store(key: dict, tables, cache_dir: Path | None) -> dict[str, pd.DataFrame]:
+    """Store ``tables`` under ``key``; returns them as a later read returns them."""
+    if not isinstance(tables, dict) or not all(isinstance(t, pd.DataFrame)
+                                               for t in tables.values()):
+        raise TypeError(f"the computation of {key['experiment']!r} must return a dict of "
+                        f"DataFrames, not {type(tables).__name__}")
+    folder, name = _entry(key, cache_dir)
+    stored = {part: _to_bytes(table) for part, table in tables.items()}
+    tables = {part: _from_bytes(data) for part, data in stored.items()}   # as a re-run reads them
+    try:
+        _write_entry(folder, name, key, stored)
+    except OSError as err:
+        warnings.warn(f"could not write the result to the cache {folder} ({err}); the "
+                      "result is returned but not cached. Set TVLIB_CACHE_DIR to a writable "
+                      "folder to keep results.", CacheWarning, stacklevel=3)
+    return tables
+
+
 def cached_tables(key: dict, compute: Callable[[], dict[str, pd.DataFrame]],
                   cache_dir: Path | None = None,
                   refresh: bool = False) -> dict[str, pd.DataFrame]:
@@ -203,30 +232,25 @@ def cached_tables(key: dict, compute: Callable[[], dict[str, pd.DataFrame]],
     A damaged entry is recomputed with a warning; an unwritable cache gives a
     warning and the computed tables.
     """
-    folder, name = _entry(key, cache_dir)
-    if not refresh:
-        try:
-            stored = _read_entry(folder, name, key)
-        except ValueError as err:
-            warnings.warn(f"damaged cache entry: {err}; recomputing it", CacheWarning,
-                          stacklevel=2)
-            stored = None
-        if stored is not None:
-            return stored
-    tables = compute()
-    if not isinstance(tables, dict) or not all(isinstance(t, pd.DataFrame)
-                                               for t in tables.values()):
-        raise TypeError(f"the computation of {key['experiment']!r} must return a dict of "
-                        f"DataFrames, not {type(tables).__name__}")
-    stored = {part: _to_bytes(table) for part, table in tables.items()}
-    tables = {part: _from_bytes(data) for part, data in stored.items()}   # as a re-run reads them
-    try:
-        _write_entry(folder, name, key, stored)
-    except OSError as err:
-        warnings.warn(f"could not write the result to the cache {folder} ({err}); the "
-                      "result is returned but not cached. Set TVLIB_CACHE_DIR to a writable "
-                      "folder to keep results.", CacheWarning, stacklevel=2)
-    return tables
+    stored = None if refresh else _lookup(key, cache_dir)
+    return stored if stored is not None else _store(key, compute(), cache_dir)
+
+
+def cached_groups(keys: dict, compute: Callable[[list], dict], cache_dir: Path | None = None,
+                  refresh: bool = False) -> dict:
+    """Several entries at once, ``{id: key}`` -> ``{id: tables}``: stored entries are read,
+    the missing ones computed by one call ``compute([ids])`` -> ``{id: tables}`` (e.g. the
+    layers of a sweep not yet run) and stored each under its own key."""
+    found = {i: None if refresh else _lookup(key, cache_dir) for i, key in keys.items()}
+    missing = [i for i, tables in found.items() if tables is None]
+    if missing:
+        computed = compute(missing)
+        if not isinstance(computed, dict) or set(computed) != set(missing):
+            raise TypeError(f"the computation of {missing} must return a dict with exactly "
+                            f"those keys, not {sorted(computed) if isinstance(computed, dict) else computed!r}")
+        for i in missing:
+            found[i] = _store(keys[i], computed[i], cache_dir)
+    return found
 
 
 def cached_table(key: dict, compute: Callable[[], pd.DataFrame], cache_dir: Path | None = None,

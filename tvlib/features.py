@@ -15,9 +15,9 @@ import pandas as pd
 import torch
 
 from .hub import require_hub
-from .models import check_sae_site
+from .saes import check_sae_site
 from .sae_views import check_features
-from .taskvec import check_batch_size, collect_residuals
+from .engine import check_batch_size, collect_residuals
 
 
 def corpus_texts(preset, n_texts: int = 2000) -> list[str]:
@@ -26,7 +26,7 @@ def corpus_texts(preset, n_texts: int = 2000) -> list[str]:
     ``preset.corpus`` is a local JSON list of strings (the embedded model ships
     ``corpus.json``) or a hub dataset with a ``text`` column (real models).
     """
-    from .models import get_preset
+    from .presets import get_preset
     preset = get_preset(preset)
     if isinstance(n_texts, bool) or not isinstance(n_texts, int) or n_texts < 1:
         raise ValueError(f"n_texts must be a positive int, not {n_texts!r}")

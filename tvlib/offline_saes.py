@@ -30,7 +30,9 @@ import torch
 
 from .generated_text import GenerationConfig, generate
 from .cache import write_atomic
-from .models import check_sae_site, get_preset, load_model, model_source
+from .models import load_model, model_source
+from .presets import get_preset
+from .saes import check_sae_site
 from .paths import REPO_ROOT
 from .sae_training import SAETrainingConfig, loss_change, sae_quality, save_sae, train_sae
 

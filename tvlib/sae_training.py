@@ -145,7 +145,8 @@ def loss_change(lm, saes: dict, ids: torch.Tensor, mask: torch.Tensor,
     Per layer: the mean loss clean, spliced, and with the residual zeroed at those
     positions (the scale against which the change is read).
     """
-    from .models import check_sae_site, resid_pre, trace
+    from .models import resid_pre, trace
+    from .saes import check_sae_site
 
     for layer, sae in saes.items():
         check_sae_site(sae, lm, layer)

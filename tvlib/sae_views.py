@@ -16,8 +16,10 @@ from numbers import Integral
 
 import torch
 
-from .models import check_sae_site
+from .saes import check_sae_site
 from .pursuit import PursuitResult, gradient_pursuit
+
+ITO_L0 = 40          # ITO's target number of features (the writeup's ITO(40))
 
 
 def check_features(sae, features) -> list[int]:
@@ -84,7 +86,7 @@ def tv_on_recon(sae, separator_resid: torch.Tensor, layer: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ito(sae, tv: torch.Tensor, layer: int, target_l0: int = 40, subtract_b_dec: bool = False,
+def ito(sae, tv: torch.Tensor, layer: int, target_l0: int = ITO_L0, subtract_b_dec: bool = False,
         step: str = "feasible", selection: str = "inactive") -> tuple[torch.Tensor, PursuitResult]:
     """Gradient-pursuit reconstruction of ``tv`` (d,) or (B, d), read at resid_pre ``layer``,
     with ``target_l0`` features (``step`` and ``selection``: see ``tvlib.pursuit``).

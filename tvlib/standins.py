@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .models import PRESETS, Preset, get_preset, preset_to_json
+from .presets import get_preset, Preset, preset_to_json, PRESETS
 from .paths import TOY_DIR
 
 ARCHITECTURES = {"gpt2": "gpt2", "gemma-2b": "gemma", "gemma-2b-it-authors": "gemma",

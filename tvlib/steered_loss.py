@@ -25,8 +25,8 @@ import warnings
 import torch
 
 from .models import blocks, check_layer, d_model, model_device, model_dtype, trace
-from .prompts import PromptBatch
-from .taskvec import (Steering, apply_steering, check_scored, collect_residuals,
+from .prompt_batch import PromptBatch
+from .engine import (Steering, apply_steering, check_scored, collect_residuals,
                       logits_at_targets, score, scored_nll)
 
 

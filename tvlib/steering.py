@@ -15,10 +15,14 @@ from numbers import Real
 import pandas as pd
 import torch
 
-from .models import check_sae_site
-from .prompts import PromptBatch
+from .engine import Steering, score
+from .saes import check_sae_site
+from .prompt_batch import PromptBatch
 from .sae_views import check_features
-from .taskvec import Steering, score
+
+# The writeup's steering scale for single task features (detector features: 25,
+# ``detectors.DETECTOR_SCALE``), in units of the residual norm the SAE expects.
+TASK_SCALE = 20.0
 
 
 def feature_directions(sae, features) -> torch.Tensor:
@@ -41,7 +45,7 @@ def repeat_batch(batch: PromptBatch, times: int) -> PromptBatch:
 
 
 def steering_grid(lm, batches: dict[str, PromptBatch], layer: int, sae, features,
-                  scale: float = 20.0, features_per_pass: int = 16,
+                  scale: float = TASK_SCALE, features_per_pass: int = 16,
                   batch_size: int = 256) -> pd.DataFrame:
     """Relative loss change of each (task, feature) when steering with the feature alone.
 
@@ -69,7 +73,7 @@ def steering_grid(lm, batches: dict[str, PromptBatch], layer: int, sae, features
 
 
 def steering_grid_loop(lm, batches: dict[str, PromptBatch], layer: int, sae, features,
-                       scale: float = 20.0) -> pd.DataFrame:
+                       scale: float = TASK_SCALE) -> pd.DataFrame:
     """The same grid, one forward pass per cell (the reference for tests and benchmarks)."""
     features = _check_grid(lm, batches, layer, sae, features, scale)
     directions = feature_directions(sae, features)

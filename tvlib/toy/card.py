@@ -15,19 +15,25 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from .cache import write_atomic
-from .models import check_sae_site, load_model, load_sae
-from .paths import TOY_DIR
-from .prompts import few_shot_prompts, tokenize_prompts, zero_shot_prompts
-from .taskvec import Steering, collect_residuals, score, task_vectors
-from .tasks import Task
-from .toy import ToyConfig, generate_documents, pack, split_pairs, toy_tasks
+from ..cache import write_atomic
+from ..engine import Steering, collect_residuals, score
+from ..models import load_model
+from ..presets import get_preset
+from ..saes import check_sae_site, load_sae
+from ..paths import TOY_DIR
+from ..prompt_batch import tokenize_prompts
+from ..prompts import few_shot_prompts, zero_shot_prompts
+from ..taskvec import task_vectors
+from ..tasks import Task
+from .data import ToyConfig, generate_documents, split_pairs, toy_tasks
+from .training import pack
 
 
 @dataclass(frozen=True)
@@ -177,9 +183,6 @@ def summarise(tasks: pd.DataFrame) -> dict:
 
 def write_model_card(root: Path = TOY_DIR, cfg: CardConfig = CardConfig()) -> dict:
     """Measure the model and SAEs under ``root``; write card.json and MODEL_CARD.md."""
-    import dataclasses
-
-    from .models import get_preset
     root = Path(root)
     preset = dataclasses.replace(get_preset("toy"), model_id=str(root / "model"),
                                  sae_dir=str(root / "saes"))

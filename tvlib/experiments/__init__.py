@@ -1,0 +1,33 @@
+"""The experiments behind the notebooks, each returning a tidy table.
+
+Every table has one row per (task, method, layer) with columns ``nll``,
+``accuracy`` and ``n_prompts``; baselines that do not depend on the layer
+(zero-shot, ICL) have an empty layer. One module per notebook; sweeps over
+layers cache each (task, layer) on its own (``runner.run_per_layer``).
+"""
+
+from .cleanup_sweeps import (MIN_GAIN, cleanup_report, earliest_effective_layer, lambda_sweep,
+                             run_cleanup_sweep, run_detector_sweep, start_method,
+                             top_cleaned_features)
+from .prompt_setup import (PromptConfig, TaskPrompts, build_task_prompts, configure,
+                           model_tasks, prompt_config)
+from .sae_view_sweeps import first_pursuit_features, run_ito_sweep, run_sae_view_sweep
+from .steering_matrix import own_feature_wins, run_steering_matrix
+from .task_vector_sweeps import (run_task_vector_sweep, run_task_vector_variants,
+                                 summarise_sweep, task_vector_sweep, tv_method)
+
+__all__ = [
+    # prompts and settings
+    "PromptConfig", "TaskPrompts", "build_task_prompts", "configure", "model_tasks",
+    "prompt_config",
+    # 01 task vectors
+    "task_vector_sweep", "run_task_vector_sweep", "run_task_vector_variants", "tv_method",
+    "summarise_sweep",
+    # 02-03 SAE views and ITO
+    "run_sae_view_sweep", "run_ito_sweep", "first_pursuit_features",
+    # 04-05 cleanup and detectors
+    "run_cleanup_sweep", "run_detector_sweep", "lambda_sweep", "cleanup_report",
+    "start_method", "earliest_effective_layer", "MIN_GAIN", "top_cleaned_features",
+    # 06 steering matrix
+    "run_steering_matrix", "own_feature_wins",
+]

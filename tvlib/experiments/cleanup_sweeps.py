@@ -1,0 +1,218 @@
+"""Notebooks 04 and 05: task vectors and detector vectors cleaned at every layer with an
+SAE, the lambda sweep, and the reports on them."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pandas as pd
+
+from ..cache import cached_table, digest, result_key
+from ..cleanup import CleanupConfig, cleanup
+from ..detectors import DETECTOR_CLEANUP, detector_vectors
+from ..engine import Steering, score
+from ..models import check_layers
+from ..saes import check_sae_site, load_sae
+from ..prompt_batch import PromptBatch
+from ..sae_views import decode
+from ..taskvec import task_vectors
+from .prompt_setup import (PromptConfig, TaskPrompts, build_task_prompts, layers_with_sae,
+                           model_tasks, prompt_config)
+from .runner import baseline_table, cleanup_settings, run_per_layer, table_row
+
+MIN_GAIN = 0.2      # a vector "works" at a layer when it lowers the NLL this much (relative)
+
+
+def start_method(label: str, cfg: CleanupConfig) -> str:
+    """The name of the vector a cleanup starts from: the SAE encoding or the pursuit code."""
+    if cfg.init == "encoder":
+        return f"Recon of {label}"
+    return f"pursuit start (L0={cfg.pursuit_l0}) of {label}"
+
+
+FEATURE_COLUMNS = {"task": "object", "layer": "int64", "feature": "int64",
+                   "recon_weight": "float64", "cleaned_weight": "float64"}
+
+
+def clean_vectors(lm, name: str, label: str, vectors, layers, train: PromptBatch,
+                  evaluate: PromptBatch, cfg: CleanupConfig, batch_size: int = 32,
+                  seed: int = 0) -> dict[int, dict[str, pd.DataFrame]]:
+    """Score raw and cleaned versions of per-layer ``vectors``: per layer, its "scores"
+    rows and the "features" weights.
+
+    Methods: ``label`` (the raw vector), the cleanup's start decoded
+    (``start_method(label, cfg)``: "Recon of {label}", the SAE encoding, or the
+    gradient-pursuit start) and "cleaned {label}" (scored on ``evaluate``,
+    trained on ``train``).
+    """
+    start = start_method(label, cfg)
+    out = {}
+    for layer, vector in zip(layers, vectors):
+        sae = load_sae(lm.preset, layer)
+        check_sae_site(sae, lm, layer)
+        result = cleanup(lm, sae, layer, vector, train, evaluate, cfg, seed)
+        rows = [{**table_row(name, label, layer, score(lm, evaluate, Steering(layer, vector),
+                                                       batch_size)), "l0": None},
+                {**table_row(name, start, layer, score(
+                    lm, evaluate, Steering(layer, decode(sae, result.initial_weights)),
+                    batch_size)), "l0": int((result.initial_weights > 0).sum())},
+                {"task": name, "method": f"cleaned {label}", "layer": layer,
+                 "nll": result.heldout_nll, "accuracy": result.heldout_accuracy,
+                 "n_prompts": len(evaluate), "l0": int((result.weights > 0).sum()),
+                 "steps": result.steps, "train_nll_start": result.nll[0],
+                 "train_nll_end": result.nll[-1]}]
+        features = [{"task": name, "layer": layer, "feature": feature,
+                     "recon_weight": result.initial_weights[feature].item(),
+                     "cleaned_weight": result.weights[feature].item()}
+                    for feature in (result.initial_weights > 0).nonzero().squeeze(-1).tolist()]
+        out[layer] = {"scores": pd.DataFrame(rows),
+                      "features": pd.DataFrame(features, columns=list(FEATURE_COLUMNS))
+                      .astype(FEATURE_COLUMNS)}
+    return out
+
+
+def cleanup_layers(lm, prompts: TaskPrompts, layers, cfg: CleanupConfig, batch_size: int = 32,
+                   seed: int = 0) -> dict[int, dict[str, pd.DataFrame]]:
+    """TV, its SAE encoding and the cleaned TV at each layer (notebook 04), per layer:
+    "scores" (the cleaned TV's NLL is on the evaluation prompts, never trained on) and
+    "features" (the non-zero weights of the SAE encoding and of the cleaned vector)."""
+    vectors = task_vectors(lm, prompts.few_shot, layers, batch_size=batch_size)
+    return clean_vectors(lm, prompts.task.name, "TV", vectors, layers, prompts.train,
+                         prompts.zero_shot, cfg, batch_size, seed)
+
+
+def detector_layers(lm, prompts: TaskPrompts, layers, cfg: CleanupConfig,
+                    batch_size: int = 32, seed: int = 0) -> dict[int, dict[str, pd.DataFrame]]:
+    """Detector vectors (answer tokens) raw and cleaned, steered at ``Y`` (notebook 05)."""
+    vectors = detector_vectors(lm, prompts.few_shot, layers, batch_size)
+    return clean_vectors(lm, prompts.task.name, "detector", vectors, layers,
+                         prompts.detector_train, prompts.detector_eval, cfg, batch_size, seed)
+
+
+def cleanup_sweep(lm, prompts: TaskPrompts, layers, cfg: CleanupConfig,
+                  batch_size: int = 32, seed: int = 0) -> dict[str, pd.DataFrame]:
+    """``cleanup_layers`` with the baselines, for one task (uncached)."""
+    return _joined(baseline_table(lm, prompts, batch_size),
+                   cleanup_layers(lm, prompts, layers, cfg, batch_size, seed))
+
+
+def detector_sweep(lm, prompts: TaskPrompts, layers, cfg: CleanupConfig,
+                   batch_size: int = 32, seed: int = 0) -> dict[str, pd.DataFrame]:
+    """``detector_layers`` with the baselines, for one task (uncached)."""
+    return _joined(baseline_table(lm, prompts, batch_size, detector=True),
+                   detector_layers(lm, prompts, layers, cfg, batch_size, seed))
+
+
+def _joined(baselines: pd.DataFrame, by_layer: dict) -> dict[str, pd.DataFrame]:
+    scores = [baselines] + [tables["scores"] for tables in by_layer.values()]
+    return {"scores": pd.concat(scores, ignore_index=True),
+            "features": pd.concat([t["features"] for t in by_layer.values()], ignore_index=True)}
+
+
+def _run_cleaning(experiment: str, layers_of, lm, tasks, layers, prompt_cfg,
+                  cfg: CleanupConfig, batch_size: int, refresh: bool,
+                  baselines: str) -> dict[str, pd.DataFrame]:
+    """Run ``layers_of`` (cleanup_layers or detector_layers) per (task, layer), cached."""
+    prompt_cfg = prompt_cfg or prompt_config(lm)
+    layers = layers_with_sae(lm, layers)
+    return run_per_layer(experiment, lm, tasks, layers, prompt_cfg,
+                         {"cleanup": cleanup_settings(cfg)},
+                         lambda p, ls: layers_of(lm, p, ls, cfg, batch_size, prompt_cfg.seed),
+                         refresh, baselines=baselines, baselines_part="scores")
+
+
+def run_cleanup_sweep(lm, tasks, layers=None, prompt_cfg: PromptConfig | None = None,
+                      cfg: CleanupConfig = CleanupConfig(), batch_size: int = 32,
+                      refresh: bool = False) -> dict[str, pd.DataFrame]:
+    """``cleanup_sweep`` for each task, cached; returns the "scores" and "features" tables."""
+    return _run_cleaning("cleanup_sweep", cleanup_layers, lm, tasks, layers, prompt_cfg, cfg,
+                         batch_size, refresh, "zero-shot")
+
+
+def run_detector_sweep(lm, tasks, layers=None, prompt_cfg: PromptConfig | None = None,
+                       cfg: CleanupConfig = DETECTOR_CLEANUP,
+                       batch_size: int = 32, refresh: bool = False) -> dict[str, pd.DataFrame]:
+    """``detector_sweep`` for each task, cached (defaults: the authors' pursuit init, k=7)."""
+    return _run_cleaning("detector_sweep", detector_layers, lm, tasks, layers, prompt_cfg,
+                         cfg, batch_size, refresh, "detector")
+
+
+def cleanup_report(scores: pd.DataFrame, label: str = "TV") -> pd.DataFrame:
+    """Per (task, layer): features before/after cleanup and whether cleaned loss <= raw loss."""
+    layered = scores.dropna(subset=["layer"])
+    starts = [m for m in layered.method.unique() if m == f"Recon of {label}"
+              or (m.startswith("pursuit start") and m.endswith(f" of {label}"))]
+    if len(starts) != 1:
+        raise ValueError(f"expected the rows of one cleanup start of {label!r}, found {starts}: "
+                         "pass the scores of one cleaning sweep")
+    start = starts[0]
+    start_name = "SAE encoding" if start.startswith("Recon") else start.removesuffix(f" of {label}")
+    repeated = layered.duplicated(["task", "layer", "method"])
+    if repeated.any():
+        first = layered[repeated].iloc[0]
+        raise ValueError(f"{int(repeated.sum())} rows repeat a (task, layer, method), e.g. "
+                         f"({first.task!r}, {first.layer}, {first.method!r}): pass the scores of "
+                         "one sweep (tables from several sweeps would be averaged)")
+    table = layered.pivot_table(index=["task", "layer"], columns="method",
+                                values=["nll", "l0"], sort=False)
+    report = pd.DataFrame({
+        f"features ({start_name})": table[("l0", start)].astype(int),
+        "features (cleaned)": table[("l0", f"cleaned {label}")].astype(int),
+        f"{label} nll": table[("nll", label)],
+        f"{start} nll": table[("nll", start)],
+        "cleaned nll": table[("nll", f"cleaned {label}")]})
+    report[f"cleaned <= {label}"] = report["cleaned nll"] <= report[f"{label} nll"]
+    return report
+
+
+def earliest_effective_layer(scores: pd.DataFrame, method: str, baseline: str,
+                             min_gain: float = MIN_GAIN) -> pd.Series:
+    """Per task, the first layer where ``method`` lowers the baseline NLL by ``min_gain`` (relative)."""
+    for name in (method, baseline):
+        if name not in set(scores.method):
+            raise ValueError(f"no rows of method {name!r}; the table has {sorted(set(scores.method))}")
+    out = {}
+    for task, group in scores.groupby("task", sort=False):
+        base = group[group.method == baseline].nll.iloc[0]
+        steered = group[group.method == method].sort_values("layer")
+        good = steered[steered.nll <= (1 - min_gain) * base]
+        out[task] = int(good.layer.iloc[0]) if len(good) else None
+    return pd.Series(out, name=method, dtype="object")
+
+
+def top_cleaned_features(features: pd.DataFrame, layer: int, n: int = 1) -> dict[str, list]:
+    """Per task, its ``n`` cleaned features with the largest weight at ``layer``."""
+    rows = features[(features.layer == layer) & (features.cleaned_weight > 0)]
+    return {task: g.nlargest(n, "cleaned_weight").feature.astype(int).tolist()
+            for task, g in rows.groupby("task", sort=False)}
+
+
+def lambda_sweep(lm, task, layer: int, lams, prompt_cfg: PromptConfig | None = None,
+                 cfg: CleanupConfig = CleanupConfig(), refresh: bool = False) -> pd.DataFrame:
+    """Held-out NLL and active features of the cleaned TV for several lambdas (cached)."""
+    prompt_cfg = prompt_cfg or prompt_config(lm)
+    check_layers(lm, [layer])
+    task = next(iter(model_tasks(lm, [task]).values()))
+    lams = list(lams) if hasattr(lams, "__iter__") else lams
+    if not isinstance(lams, list) or not lams:
+        raise ValueError(f"lams must be a non-empty list of lambdas, e.g. [0.01, 0.1], not "
+                         f"{lams!r}")
+    for lam in lams:
+        replace(cfg, lam=lam)              # CleanupConfig refuses a bad lambda, naming it
+    key = result_key("lambda_sweep", lm, [layer], task=digest(task), layer=layer, lams=lams,
+                     prompts=prompt_cfg, cleanup=cleanup_settings(cfg))
+
+    def compute():
+        prompts = build_task_prompts(lm.tokenizer, task, prompt_cfg)
+        sae = load_sae(lm.preset, layer)
+        tv = task_vectors(lm, prompts.few_shot, [layer])[0]
+        rows = []
+        for lam in lams:
+            result = cleanup(lm, sae, layer, tv, prompts.train, prompts.zero_shot,
+                             replace(cfg, lam=lam), prompt_cfg.seed)
+            rows.append({"task": task.name, "layer": layer, "lam": lam,
+                         "l0": int((result.weights > 0).sum()), "nll": result.heldout_nll,
+                         "accuracy": result.heldout_accuracy, "steps": result.steps})
+        return pd.DataFrame(rows)
+
+    return cached_table(key, compute, refresh=refresh)

@@ -1,0 +1,122 @@
+"""Running an experiment under the result cache, and the rows of its tables.
+
+Sweeps over layers (``run_per_layer``) store each (task, layer) as an entry of
+its own: a sweep over other layers, or another notebook asking for the same
+layer with the same settings, reuses it. The baselines that do not depend on a
+layer (zero-shot or one-shot, and ICL) are one entry per task and prompts,
+shared by every experiment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import pandas as pd
+
+from ..cache import cached_groups, cached_table, cached_tables, digest, result_key
+from ..cleanup import CleanupConfig
+from ..engine import score
+from .prompt_setup import PromptConfig, TaskPrompts, build_task_prompts, model_tasks
+
+
+def run_per_task(experiment: str, lm, tasks, prompt_cfg: PromptConfig, settings: dict,
+                 compute, refresh: bool = False, sae_layers=()):
+    """Run ``compute(prompts)`` for each task, cached under ``result_key``.
+
+    ``compute`` returns a table, or a dict of named tables; the result has the
+    same form, each table concatenated over tasks. ``sae_layers``: the layers
+    whose SAEs ``compute`` uses (they are part of the key).
+    """
+    parts: dict[str, list] = {}
+    for name, task in model_tasks(lm, tasks).items():
+        key = result_key(experiment, lm, sae_layers, task=digest(task), prompts=prompt_cfg,
+                         **settings)
+
+        def named(task=task):
+            out = compute(build_task_prompts(lm.tokenizer, task, prompt_cfg))
+            return {"table": out} if isinstance(out, pd.DataFrame) else out
+
+        for part, table in cached_tables(key, named, refresh=refresh).items():
+            parts.setdefault(part, []).append(table)
+    merged = {part: pd.concat(tables, ignore_index=True) for part, tables in parts.items()}
+    return merged["table"] if list(merged) == ["table"] else merged
+
+
+def run_per_layer(experiment: str, lm, tasks, layers, prompt_cfg: PromptConfig,
+                  settings: dict, compute, refresh: bool = False, uses_saes: bool = True,
+                  baselines: str | None = "zero-shot", baselines_part: str = "table"):
+    """Run ``compute(prompts, layers)`` -> ``{layer: table or dict of tables}`` on the
+    (task, layer) pairs not in the cache, one call per task; every pair is cached under
+    its own ``result_key`` (with the SAE of its layer when ``uses_saes``).
+
+    ``baselines`` ("zero-shot", "detector" or None): the layer-free rows of
+    ``baseline_rows``, put before the layers' rows in the table ``baselines_part``. The
+    result has the form ``compute`` gives, each table concatenated over tasks and layers.
+    """
+    if not layers:
+        raise ValueError(f"{experiment}: no layers to run; pass at least one layer")
+    parts: dict[str, list] = {}
+    for name, task in model_tasks(lm, tasks).items():
+        prompts = {}
+
+        def task_prompts(task=task):
+            if "built" not in prompts:
+                prompts["built"] = build_task_prompts(lm.tokenizer, task, prompt_cfg)
+            return prompts["built"]
+
+        def compute_missing(missing):
+            out = compute(task_prompts(), missing)
+            return {layer: {"table": t} if isinstance(t, pd.DataFrame) else t
+                    for layer, t in out.items()}
+
+        keys = {layer: result_key(experiment, lm, [layer] if uses_saes else [],
+                                  task=digest(task), prompts=prompt_cfg, layer=layer,
+                                  **settings) for layer in layers}
+        by_layer = cached_groups(keys, compute_missing, refresh=refresh)
+        if baselines is not None:
+            key = result_key("baselines", lm, [], task=digest(task), prompts=prompt_cfg,
+                             kind=baselines)
+            base = cached_table(key, lambda: baseline_table(
+                lm, task_prompts(), detector=baselines == "detector"), refresh=refresh)
+            parts.setdefault(baselines_part, []).append(base)
+        for layer in layers:
+            for part, table in by_layer[layer].items():
+                parts.setdefault(part, []).append(table)
+    merged = {part: pd.concat(tables, ignore_index=True) for part, tables in parts.items()}
+    return merged["table"] if list(merged) == ["table"] else merged
+
+
+def table_row(task: str, method: str, layer, scores) -> dict:
+    return {"task": task, "method": method, "layer": layer, "nll": scores.mean_nll(),
+            "accuracy": scores.accuracy(), "n_prompts": len(scores.nll)}
+
+
+def cleanup_settings(cfg: CleanupConfig) -> dict:
+    """The cleanup settings that change results (the progress bar does not)."""
+    return {k: v for k, v in asdict(cfg).items() if k != "progress"}
+
+
+def positive_ints(name: str, values) -> list[int]:
+    values = list(values) if hasattr(values, "__iter__") and not isinstance(values, str) \
+        else None
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1
+                         for v in values):
+        raise ValueError(f"{name} must be a non-empty list of positive ints, e.g. [5, 10, 20]")
+    return values
+
+
+def baseline_rows(lm, prompts: TaskPrompts, batch_size: int = 32,
+                  detector: bool = False) -> list[dict]:
+    """The rows that do not depend on a layer: zero-shot (or, for detectors, the one-shot
+    ``X -> Y`` prompts) and ICL."""
+    first = (("one-shot (X -> Y)", prompts.detector_eval) if detector
+             else ("zero-shot", prompts.zero_shot))
+    return [table_row(prompts.task.name, method, None, score(lm, batch, batch_size=batch_size))
+            for method, batch in (first, ("ICL", prompts.few_shot))]
+
+
+def baseline_table(lm, prompts: TaskPrompts, batch_size: int = 32,
+                   detector: bool = False) -> pd.DataFrame:
+    """``baseline_rows`` as a table whose layer column is float (NaN), as in a sweep's."""
+    table = pd.DataFrame(baseline_rows(lm, prompts, batch_size, detector))
+    return table.astype({"layer": "float64"})

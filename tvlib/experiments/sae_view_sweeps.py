@@ -1,0 +1,116 @@
+"""Notebooks 02 and 03: the task vector seen through an SAE (Recon of TV, TV on recon,
+ITO) at every layer with an SAE, and ITO's loss against its number of features."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from ..engine import Steering, collect_residuals, score
+from ..models import check_layers
+from ..saes import check_sae_site, load_sae
+from ..prompt_batch import PromptBatch
+from ..sae_views import ITO_L0, decode, encode, ito, recon_of_tv, tv_on_recon
+from ..taskvec import task_vectors
+from .prompt_setup import (PromptConfig, TaskPrompts, build_task_prompts, layers_with_sae,
+                           model_tasks, prompt_config)
+from .runner import baseline_table, positive_ints, run_per_layer, run_per_task, table_row
+
+
+def run_sae_view_sweep(lm, tasks, layers=None, prompt_cfg: PromptConfig | None = None,
+                       target_l0: int = ITO_L0, subtract_b_dec: bool = False,
+                       batch_size: int = 32, refresh: bool = False) -> pd.DataFrame:
+    """``sae_view_sweep`` for each task at every layer with an SAE (default), each
+    (task, layer) cached."""
+    layers = layers_with_sae(lm, layers)
+    return run_per_layer("sae_view_sweep", lm, tasks, layers, prompt_cfg or prompt_config(lm),
+                         {"target_l0": target_l0, "subtract_b_dec": subtract_b_dec},
+                         lambda p, ls: sae_view_layers(lm, p, ls, target_l0, subtract_b_dec,
+                                                       batch_size), refresh)
+
+
+def separator_residuals(lm, few_shot: PromptBatch, layers, batch_size: int = 32):
+    """(L, B, S, d) resid_pre at every separator, NaN where absent."""
+    return collect_residuals(lm, few_shot.model_inputs(), layers, few_shot.separator_pos,
+                             batch_size)
+
+
+def sae_view_layers(lm, prompts: TaskPrompts, layers, target_l0: int = ITO_L0,
+                    subtract_b_dec: bool = False, batch_size: int = 32
+                    ) -> dict[int, pd.DataFrame]:
+    """TV, Recon of TV, TV on recon and ITO at each layer, scored: ``{layer: rows}``."""
+    name = prompts.task.name
+    resid = separator_residuals(lm, prompts.few_shot, layers, batch_size)   # (L, B, S, d)
+    out = {}
+    for layer, layer_resid in zip(layers, resid):
+        sae = load_sae(lm.preset, layer)
+        check_sae_site(sae, lm, layer)
+        tv = layer_resid.flatten(0, 1).nanmean(0)                            # (d,)
+        views = {"TV": tv, "Recon of TV": recon_of_tv(sae, tv, layer),
+                 "TV on recon": tv_on_recon(sae, layer_resid, layer),
+                 f"ITO (L0={target_l0})": ito(sae, tv, layer, target_l0, subtract_b_dec)[0]}
+        out[layer] = pd.DataFrame([
+            table_row(name, method, layer, score(lm, prompts.zero_shot, Steering(layer, vector),
+                                                 batch_size))
+            for method, vector in views.items()])
+    return out
+
+
+def sae_view_sweep(lm, prompts: TaskPrompts, layers, target_l0: int = ITO_L0,
+                   subtract_b_dec: bool = False, batch_size: int = 32) -> pd.DataFrame:
+    """The SAE views at each layer with the baselines, for one task (uncached; notebook 02)."""
+    by_layer = sae_view_layers(lm, prompts, layers, target_l0, subtract_b_dec, batch_size)
+    return pd.concat([baseline_table(lm, prompts, batch_size), *by_layer.values()],
+                     ignore_index=True)
+
+
+def ito_sweep(lm, prompts: TaskPrompts, sae, layer: int, target_l0s, subtract_b_dec=False,
+              batch_size: int = 32) -> pd.DataFrame:
+    """Loss and active features of ITO for several target L0 at one layer (notebook 03).
+
+    Rows: TV, Recon of TV (its L0 is the SAE encoding's) and ITO per target L0.
+    """
+    check_sae_site(sae, lm, layer)
+    name = prompts.task.name
+    tv = task_vectors(lm, prompts.few_shot, [layer], batch_size=batch_size)[0]
+    code = encode(sae, tv)
+    views = [("TV", None, None, tv), ("Recon of TV", None, int((code > 0).sum()),
+                                      decode(sae, code))]
+    for k in target_l0s:
+        vector, result = ito(sae, tv, layer, k, subtract_b_dec)
+        views.append(("ITO", k, int((result.weights > 0).sum()), vector))
+    rows = []
+    for method, k, l0, vector in views:
+        scores = score(lm, prompts.zero_shot, Steering(layer, vector.detach()), batch_size)
+        rows.append({**table_row(name, method, layer, scores), "target_l0": k, "l0": l0})
+    return pd.DataFrame(rows)
+
+
+def run_ito_sweep(lm, tasks, layer: int, target_l0s, prompt_cfg: PromptConfig | None = None,
+                  subtract_b_dec: bool = False, batch_size: int = 32,
+                  refresh: bool = False) -> pd.DataFrame:
+    """``ito_sweep`` for each task at ``layer``, cached."""
+    check_layers(lm, [layer])
+    target_l0s = positive_ints("target_l0s", target_l0s)
+    sae = load_sae(lm.preset, layer)
+    settings = {"layer": layer, "target_l0s": target_l0s, "subtract_b_dec": subtract_b_dec}
+    return run_per_task("ito_sweep", lm, tasks, prompt_cfg or prompt_config(lm), settings,
+                        lambda p: ito_sweep(lm, p, sae, layer, target_l0s, subtract_b_dec,
+                                            batch_size), refresh, sae_layers=[layer])
+
+
+def first_pursuit_features(lm, tasks, sae, layer: int, n_features: int, density,
+                           prompt_cfg: PromptConfig | None = None,
+                           subtract_b_dec: bool = False) -> pd.DataFrame:
+    """The features gradient pursuit picks first for each task's TV, with their density."""
+    prompt_cfg = prompt_cfg or prompt_config(lm)
+    check_sae_site(sae, lm, layer)
+    rows = []
+    for name, task in model_tasks(lm, tasks).items():
+        prompts = build_task_prompts(lm.tokenizer, task, prompt_cfg)
+        tv = task_vectors(lm, prompts.few_shot, [layer])[0]
+        _, pursuit = ito(sae, tv, layer, n_features, subtract_b_dec)
+        for rank, feature in enumerate(pursuit.order[0].tolist()):
+            rows.append({"task": name, "rank": rank, "feature": feature,
+                         "weight": pursuit.weights[0, feature].item(),
+                         "density": density[feature].item()})
+    return pd.DataFrame(rows)
