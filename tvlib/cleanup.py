@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .engine import Steering, check_scored, score
 from .feature_weights import (ACTIVATIONS, INITS, UNITS, activation_function, feature_units,
                               initial_theta)
-from .models import check_layer, model_device, require_local
+from .models import check_layer, require_local
 from .saes import check_sae_site
 from .prompt_batch import PromptBatch
 from .pursuit import SELECTIONS
@@ -116,9 +116,9 @@ def cleanup(lm, sae, layer: int, tv: torch.Tensor, train: PromptBatch,
     if cfg.init == "pursuit" and cfg.pursuit_l0 > sae.cfg.d_sae:
         raise ValueError(f"CleanupConfig.pursuit_l0={cfg.pursuit_l0} is more than this SAE's "
                          f"{sae.cfg.d_sae} features: lower it (the authors used 7)")
-    device = model_device(lm)
-    # seeded for reproducibility, on a copy of the random state: the caller's is left as it was
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    # seeded for reproducibility, on a copy of the random state: the caller's is left as it
+    # was (every GPU's too, since manual_seed seeds them all)
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
         torch.manual_seed(seed)
         return _optimise(lm, sae, layer, tv, train, heldout, cfg)
 

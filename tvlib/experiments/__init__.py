@@ -4,6 +4,8 @@ Every table has one row per (task, method, layer) with columns ``nll``,
 ``accuracy`` and ``n_prompts``; baselines that do not depend on the layer
 (zero-shot, ICL) have an empty layer. One module per notebook; sweeps over
 layers cache each (task, layer) on its own (``runner.run_per_layer``).
+``prompt_cfg=None`` means ``prompt_config(lm)``: PromptConfig's defaults with the
+model preset's n_shots.
 """
 
 from .cleanup_sweeps import (MIN_GAIN, cleanup_report, earliest_effective_layer, lambda_sweep,

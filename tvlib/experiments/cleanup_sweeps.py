@@ -118,7 +118,8 @@ def _run_cleaning(experiment: str, layers_of, lm, tasks, layers, prompt_cfg,
     return run_per_layer(experiment, lm, tasks, layers, prompt_cfg,
                          {"cleanup": cleanup_settings(cfg)},
                          lambda p, ls: layers_of(lm, p, ls, cfg, batch_size, prompt_cfg.seed),
-                         refresh, baselines=baselines, baselines_part="scores")
+                         refresh, baselines=baselines, baselines_part="scores",
+                         batch_size=batch_size)
 
 
 def run_cleanup_sweep(lm, tasks, layers=None, prompt_cfg: PromptConfig | None = None,

@@ -42,9 +42,13 @@ def run_per_task(experiment: str, lm, tasks, prompt_cfg: PromptConfig, settings:
     return merged["table"] if list(merged) == ["table"] else merged
 
 
+BASELINES = ("zero-shot", "detector", None)
+
+
 def run_per_layer(experiment: str, lm, tasks, layers, prompt_cfg: PromptConfig,
                   settings: dict, compute, refresh: bool = False, uses_saes: bool = True,
-                  baselines: str | None = "zero-shot", baselines_part: str = "table"):
+                  baselines: str | None = "zero-shot", baselines_part: str = "table",
+                  batch_size: int = 32):
     """Run ``compute(prompts, layers)`` -> ``{layer: table or dict of tables}`` on the
     (task, layer) pairs not in the cache, one call per task; every pair is cached under
     its own ``result_key`` (with the SAE of its layer when ``uses_saes``).
@@ -52,7 +56,10 @@ def run_per_layer(experiment: str, lm, tasks, layers, prompt_cfg: PromptConfig,
     ``baselines`` ("zero-shot", "detector" or None): the layer-free rows of
     ``baseline_rows``, put before the layers' rows in the table ``baselines_part``. The
     result has the form ``compute`` gives, each table concatenated over tasks and layers.
+    ``batch_size`` is the baselines' (it does not change their numbers, so it is not keyed).
     """
+    if baselines not in BASELINES:
+        raise ValueError(f"baselines={baselines!r}: pass one of {BASELINES}")
     if not layers:
         raise ValueError(f"{experiment}: no layers to run; pass at least one layer")
     parts: dict[str, list] = {}
@@ -77,7 +84,8 @@ def run_per_layer(experiment: str, lm, tasks, layers, prompt_cfg: PromptConfig,
             key = result_key("baselines", lm, [], task=digest(task), prompts=prompt_cfg,
                              kind=baselines)
             base = cached_table(key, lambda: baseline_table(
-                lm, task_prompts(), detector=baselines == "detector"), refresh=refresh)
+                lm, task_prompts(), batch_size, detector=baselines == "detector"),
+                refresh=refresh)
             parts.setdefault(baselines_part, []).append(base)
         for layer in layers:
             for part, table in by_layer[layer].items():

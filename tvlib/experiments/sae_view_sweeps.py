@@ -25,7 +25,8 @@ def run_sae_view_sweep(lm, tasks, layers=None, prompt_cfg: PromptConfig | None =
     return run_per_layer("sae_view_sweep", lm, tasks, layers, prompt_cfg or prompt_config(lm),
                          {"target_l0": target_l0, "subtract_b_dec": subtract_b_dec},
                          lambda p, ls: sae_view_layers(lm, p, ls, target_l0, subtract_b_dec,
-                                                       batch_size), refresh)
+                                                       batch_size), refresh,
+                         batch_size=batch_size)
 
 
 def separator_residuals(lm, few_shot: PromptBatch, layers, batch_size: int = 32):

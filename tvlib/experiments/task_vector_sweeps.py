@@ -37,7 +37,7 @@ def run_task_vector_sweep(lm, tasks, layers=None, prompt_cfg: PromptConfig | Non
                           prompt_cfg or prompt_config(lm), {"positions": positions, "mode": mode},
                           lambda p, ls: task_vector_layers(lm, p, ls, positions, mode,
                                                            batch_size),
-                          refresh, uses_saes=False)
+                          refresh, uses_saes=False, batch_size=batch_size)
     table.loc[table.method == "TV", "method"] = tv_method(mode, positions)
     return table
 
