@@ -167,8 +167,9 @@ def test_steering_matrix_keys_and_labels_follow_features_by_task(toy_lm, tmp_pat
 def test_cleanup_report_refuses_repeated_rows(toy_lm):
     import pandas as pd
     from tvlib.experiments import cleanup_report
-    rows = [{"task": "a", "layer": 4, "method": m, "nll": 1.0, "l0": 3}
-            for m in ("TV", "Recon of TV", "cleaned TV")]
+    rows = [{"task": "a", "layer": 4, "method": m, "vector": "TV", "view": view, "nll": 1.0,
+             "l0": 3} for m, view in (("TV", "raw"), ("Recon of TV", "recon"),
+                                       ("cleaned TV", "cleaned"))]
     with pytest.raises(ValueError, match="rows repeat a \\(task, layer, method\\)"):
         cleanup_report(pd.DataFrame(rows + rows))
 

@@ -37,7 +37,7 @@ from .paths import CACHE_DIR
 
 # Bump when a change to tvlib changes the numbers an experiment produces for the
 # same model, SAEs and configuration: older entries are then never read.
-RESULT_FORMAT = 4
+RESULT_FORMAT = 5
 LIBRARIES = ("torch", "transformers", "tokenizers", "nnsight", "sae-lens")
 
 

@@ -14,6 +14,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from .cache import write_atomic
+from .experiments.schema import (CLEANED, DETECTOR, ICL, ITO, ON_RECON, ONE_SHOT, PURSUIT_START,
+                                 RAW, RECON, TV, ZERO_SHOT)
 from .paths import FIGURES_DIR
 
 STYLE = {
@@ -21,22 +23,25 @@ STYLE = {
     "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True,
     "grid.alpha": 0.3, "legend.frameon": False,
 }
-# Colours and line styles per method, shared by every notebook's figure.
-METHOD_STYLE = {
-    "zero-shot": dict(color="0.5", linestyle=":"),
-    "ICL": dict(color="black", linestyle="--"),
-    "TV": dict(color="tab:blue", marker="o", markersize=3),
-    "TV (add, last)": dict(color="tab:blue", marker="o", markersize=3, linestyle="--"),
-    "TV (replace": dict(color="tab:cyan", marker="v", markersize=3),
-    "Recon of TV": dict(color="tab:orange", marker="s", markersize=3),
-    "TV on recon": dict(color="tab:green", marker="^", markersize=3),
-    "ITO": dict(color="tab:red", marker="d", markersize=3),
-    "cleaned TV": dict(color="tab:purple", marker="o", markersize=3),
-    "one-shot (X -> Y)": dict(color="0.5", linestyle=":"),
-    "pursuit start": dict(color="tab:gray", marker="s", markersize=3),
-    "detector": dict(color="tab:olive", marker="o", markersize=3),
-    "cleaned detector": dict(color="tab:brown", marker="o", markersize=3),
+# Colours and line styles per (vector, view) of a score row, shared by every figure.
+VIEW_STYLE = {
+    (None, ZERO_SHOT): dict(color="0.5", linestyle=":"),
+    (None, ONE_SHOT): dict(color="0.5", linestyle=":"),
+    (None, ICL): dict(color="black", linestyle="--"),
+    (TV, RAW): dict(color="tab:blue", marker="o", markersize=3),
+    (TV, RECON): dict(color="tab:orange", marker="s", markersize=3),
+    (TV, ON_RECON): dict(color="tab:green", marker="^", markersize=3),
+    (TV, ITO): dict(color="tab:red", marker="d", markersize=3),
+    (TV, PURSUIT_START): dict(color="tab:gray", marker="s", markersize=3),
+    (TV, CLEANED): dict(color="tab:purple", marker="o", markersize=3),
+    (DETECTOR, RAW): dict(color="tab:olive", marker="o", markersize=3),
+    (DETECTOR, RECON): dict(color="tab:orange", marker="s", markersize=3),
+    (DETECTOR, PURSUIT_START): dict(color="tab:gray", marker="s", markersize=3),
+    (DETECTOR, CLEANED): dict(color="tab:brown", marker="o", markersize=3),
 }
+# Task vectors built or applied as Hendel et al. do (notebook 01's VARIANTS), by mode.
+VARIANT_STYLE = {"add": dict(color="tab:blue", marker="o", markersize=3, linestyle="--"),
+                 "replace": dict(color="tab:cyan", marker="v", markersize=3)}
 
 
 @contextmanager
@@ -53,10 +58,14 @@ def styled():
     matplotlib.interactive(interactive)
 
 
-def method_style(method: str) -> dict:
-    """The style of ``method``, matched by its longest known prefix ("ITO (L0=40)" -> "ITO")."""
-    matches = [name for name in METHOD_STYLE if method.startswith(name)]
-    return METHOD_STYLE[max(matches, key=len)] if matches else {}
+def row_style(row) -> dict:
+    """The style of a score row, from its vector and view (and a task vector's variant)."""
+    vector = row["vector"] if isinstance(row["vector"], str) else None
+    variant = (row.get("mode", "add"), row.get("positions", "all"))
+    if (vector, row["view"]) == (TV, RAW) and isinstance(variant[0], str) \
+            and variant != ("add", "all"):
+        return VARIANT_STYLE[variant[0]]
+    return VIEW_STYLE.get((vector, row["view"]), {})
 
 
 def save_figure(fig, name: str, out_dir: Path | None = None) -> None:
@@ -76,7 +85,8 @@ def save_figure(fig, name: str, out_dir: Path | None = None) -> None:
 def plot_loss_vs_layer(results: pd.DataFrame, metric: str = "nll", title: str = ""):
     """One panel per task: ``metric`` vs layer for layered methods, flat lines for baselines.
 
-    ``results`` has columns task, method, layer (NaN for baselines) and ``metric``.
+    ``results`` is a score table (``tvlib.experiments.schema``): task, method, vector,
+    view, layer (NaN for baselines) and ``metric``.
     """
     tasks = list(dict.fromkeys(results["task"]))
     with styled():
@@ -85,7 +95,7 @@ def plot_loss_vs_layer(results: pd.DataFrame, metric: str = "nll", title: str = 
         for ax, task in zip(axes[0], tasks):
             rows = results[results["task"] == task]
             for method, group in rows.groupby("method", sort=False):
-                style = method_style(method)
+                style = row_style(group.iloc[0])
                 if group["layer"].isna().all():
                     ax.axhline(group[metric].mean(), label=method, **style)
                 else:
@@ -105,20 +115,21 @@ def plot_loss_vs_layer(results: pd.DataFrame, metric: str = "nll", title: str = 
 def plot_ito_sweep(results: pd.DataFrame, title: str = ""):
     """Two panels: NLL and active features vs target L0; TV and Recon of TV as references.
 
-    ``results`` has columns task, method ("TV", "Recon of TV", "ITO"), target_l0, l0, nll.
+    ``results`` is ``run_ito_sweep``'s table: views RAW, RECON and ITO (with k, its
+    target L0), and columns l0, nll.
     """
     with styled():
         fig, (ax_loss, ax_l0) = plt.subplots(1, 2, figsize=(7.5, 2.8))
         for i, (task, rows) in enumerate(results.groupby("task", sort=False)):
             color = f"C{i}"
-            ito = rows[rows.method == "ITO"].sort_values("target_l0")
-            ax_loss.plot(ito.target_l0, ito.nll, marker="d", color=color, label=f"{task}: ITO")
-            for method, style in (("TV", "--"), ("Recon of TV", ":")):
-                ref = rows[rows.method == method]
+            ito = rows[rows.view == ITO].sort_values("k")
+            ax_loss.plot(ito.k, ito.nll, marker="d", color=color, label=f"{task}: ITO")
+            for view, name, style in ((RAW, "TV", "--"), (RECON, "Recon of TV", ":")):
+                ref = rows[rows.view == view]
                 ax_loss.axhline(ref.nll.iloc[0], color=color, linestyle=style,
-                                label=f"{task}: {method}")
-            ax_l0.plot(ito.target_l0, ito.l0, marker="d", color=color, label=f"{task}: ITO")
-            recon = rows[rows.method == "Recon of TV"]
+                                label=f"{task}: {name}")
+            ax_l0.plot(ito.k, ito.l0, marker="d", color=color, label=f"{task}: ITO")
+            recon = rows[rows.view == RECON]
             ax_l0.axhline(recon.l0.iloc[0], color=color, linestyle=":",
                           label=f"{task}: SAE encoding")
         for ax in (ax_loss, ax_l0):
@@ -136,14 +147,15 @@ def plot_ito_sweep(results: pd.DataFrame, title: str = ""):
 
 def plot_l0_per_task(scores: pd.DataFrame, layer: int, title: str = ""):
     """Active features of the SAE encoding ("Recon of TV") vs the cleaned TV, per task."""
-    rows = scores[(scores.layer == layer) & scores.method.isin(["Recon of TV", "cleaned TV"])]
-    table = rows.pivot_table(index="task", columns="method", values="l0", sort=False)
+    rows = scores[(scores.layer == layer) & (scores.vector == TV)
+                  & scores.view.isin([RECON, CLEANED])]
+    table = rows.pivot_table(index="task", columns="view", values="l0", sort=False)
     with styled():
         fig, ax = plt.subplots(figsize=(max(3.5, 0.45 * len(table) + 1.5), 2.8))
         x = range(len(table))
-        ax.bar([i - 0.2 for i in x], table["Recon of TV"], 0.4, label="SAE encoding of TV",
+        ax.bar([i - 0.2 for i in x], table[RECON], 0.4, label="SAE encoding of TV",
                color="tab:orange")
-        ax.bar([i + 0.2 for i in x], table["cleaned TV"], 0.4, label="cleaned TV",
+        ax.bar([i + 0.2 for i in x], table[CLEANED], 0.4, label="cleaned TV",
                color="tab:purple")
         ax.set_xticks(list(x), table.index, rotation=45, ha="right")
         ax.set_ylabel(f"non-zero features (layer {layer})")

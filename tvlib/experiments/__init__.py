@@ -1,8 +1,8 @@
 """The experiments behind the notebooks, each returning a tidy table.
 
-Every table has one row per (task, method, layer) with columns ``nll``,
-``accuracy`` and ``n_prompts``; baselines that do not depend on the layer
-(zero-shot, ICL) have an empty layer. One module per notebook; sweeps over
+Every score table has one row per (task, vector, view, layer) with columns ``nll``,
+``accuracy`` and ``n_prompts`` and the display label ``method`` (``schema``);
+baselines that do not depend on the layer (zero-shot, ICL) have an empty layer. One module per notebook; sweeps over
 layers cache each (task, layer) on its own (``runner.run_per_layer``).
 ``prompt_cfg=None`` means ``prompt_config(lm)``: PromptConfig's defaults with the
 model preset's n_shots.
@@ -14,11 +14,16 @@ from .cleanup_sweeps import (MIN_GAIN, cleanup_report, earliest_effective_layer,
 from .prompt_setup import (PromptConfig, TaskPrompts, build_task_prompts, configure,
                            model_tasks, prompt_config)
 from .sae_view_sweeps import first_pursuit_features, run_ito_sweep, run_sae_view_sweep
+from .schema import (CLEANED, DETECTOR, ICL, ITO, ON_RECON, ONE_SHOT, PURSUIT_START, RAW, RECON,
+                     START_VIEWS, TV, ZERO_SHOT, method_label)
 from .steering_matrix import own_feature_wins, run_steering_matrix
 from .task_vector_sweeps import (run_task_vector_sweep, run_task_vector_variants,
                                  summarise_sweep, task_vector_sweep, tv_method)
 
 __all__ = [
+    # the columns and names of score rows (schema)
+    "TV", "DETECTOR", "ZERO_SHOT", "ONE_SHOT", "ICL", "RAW", "RECON", "ON_RECON", "ITO",
+    "PURSUIT_START", "CLEANED", "START_VIEWS", "method_label",
     # prompts and settings
     "PromptConfig", "TaskPrompts", "build_task_prompts", "configure", "model_tasks",
     "prompt_config",

@@ -18,16 +18,21 @@ from ..sae_views import decode
 from ..taskvec import task_vectors
 from .prompt_setup import (PromptConfig, TaskPrompts, build_task_prompts, layers_with_sae,
                            model_tasks, prompt_config)
-from .runner import baseline_table, cleanup_settings, run_per_layer, table_row
+from .runner import baseline_table, cleanup_settings, run_per_layer
+from .schema import (CLEANED, DETECTOR, PURSUIT_START, RAW, RECON, START_VIEWS, TV, method_label,
+                     score_row)
 
 MIN_GAIN = 0.2      # a vector "works" at a layer when it lowers the NLL this much (relative)
 
 
+def start_view(cfg: CleanupConfig) -> tuple[str, int | None]:
+    """(view, k) of the vector a cleanup starts from: the SAE encoding or the pursuit code."""
+    return (RECON, None) if cfg.init == "encoder" else (PURSUIT_START, cfg.pursuit_l0)
+
+
 def start_method(label: str, cfg: CleanupConfig) -> str:
-    """The name of the vector a cleanup starts from: the SAE encoding or the pursuit code."""
-    if cfg.init == "encoder":
-        return f"Recon of {label}"
-    return f"pursuit start (L0={cfg.pursuit_l0}) of {label}"
+    """The label of the vector a cleanup starts from ("Recon of TV", "pursuit start ...")."""
+    return method_label(label, *start_view(cfg))
 
 
 FEATURE_COLUMNS = {"task": "object", "layer": "int64", "feature": "int64",
@@ -40,27 +45,27 @@ def clean_vectors(lm, name: str, label: str, vectors, layers, train: PromptBatch
     """Score raw and cleaned versions of per-layer ``vectors``: per layer, its "scores"
     rows and the "features" weights.
 
-    Methods: ``label`` (the raw vector), the cleanup's start decoded
-    (``start_method(label, cfg)``: "Recon of {label}", the SAE encoding, or the
-    gradient-pursuit start) and "cleaned {label}" (scored on ``evaluate``,
-    trained on ``train``).
+    Views of the vector ``label`` (TV or detector): RAW, the cleanup's start decoded
+    (``start_view(cfg)``: RECON, the SAE encoding, or PURSUIT_START) and CLEANED
+    (scored on ``evaluate``, trained on ``train``).
     """
-    start = start_method(label, cfg)
+    view, k = start_view(cfg)
     out = {}
     for layer, vector in zip(layers, vectors):
         sae = load_sae(lm.preset, layer)
         check_sae_site(sae, lm, layer)
         result = cleanup(lm, sae, layer, vector, train, evaluate, cfg, seed)
-        rows = [{**table_row(name, label, layer, score(lm, evaluate, Steering(layer, vector),
-                                                       batch_size)), "l0": None},
-                {**table_row(name, start, layer, score(
-                    lm, evaluate, Steering(layer, decode(sae, result.initial_weights)),
-                    batch_size)), "l0": int((result.initial_weights > 0).sum())},
-                {"task": name, "method": f"cleaned {label}", "layer": layer,
-                 "nll": result.heldout_nll, "accuracy": result.heldout_accuracy,
-                 "n_prompts": len(evaluate), "l0": int((result.weights > 0).sum()),
-                 "steps": result.steps, "train_nll_start": result.nll[0],
-                 "train_nll_end": result.nll[-1]}]
+        start = decode(sae, result.initial_weights)
+        rows = [score_row(name, label, RAW, layer,
+                          score(lm, evaluate, Steering(layer, vector), batch_size), l0=None),
+                score_row(name, label, view, layer,
+                          score(lm, evaluate, Steering(layer, start), batch_size), k=k,
+                          l0=int((result.initial_weights > 0).sum())),
+                {"task": name, "method": method_label(label, CLEANED), "vector": label,
+                 "view": CLEANED, "k": None, "layer": layer, "nll": result.heldout_nll,
+                 "accuracy": result.heldout_accuracy, "n_prompts": len(evaluate),
+                 "l0": int((result.weights > 0).sum()), "steps": result.steps,
+                 "train_nll_start": result.nll[0], "train_nll_end": result.nll[-1]}]
         features = [{"task": name, "layer": layer, "feature": feature,
                      "recon_weight": result.initial_weights[feature].item(),
                      "cleaned_weight": result.weights[feature].item()}
@@ -77,7 +82,7 @@ def cleanup_layers(lm, prompts: TaskPrompts, layers, cfg: CleanupConfig, batch_s
     "scores" (the cleaned TV's NLL is on the evaluation prompts, never trained on) and
     "features" (the non-zero weights of the SAE encoding and of the cleaned vector)."""
     vectors = task_vectors(lm, prompts.few_shot, layers, batch_size=batch_size)
-    return clean_vectors(lm, prompts.task.name, "TV", vectors, layers, prompts.train,
+    return clean_vectors(lm, prompts.task.name, TV, vectors, layers, prompts.train,
                          prompts.zero_shot, cfg, batch_size, seed)
 
 
@@ -85,7 +90,7 @@ def detector_layers(lm, prompts: TaskPrompts, layers, cfg: CleanupConfig,
                     batch_size: int = 32, seed: int = 0) -> dict[int, dict[str, pd.DataFrame]]:
     """Detector vectors (answer tokens) raw and cleaned, steered at ``Y`` (notebook 05)."""
     vectors = detector_vectors(lm, prompts.few_shot, layers, batch_size)
-    return clean_vectors(lm, prompts.task.name, "detector", vectors, layers,
+    return clean_vectors(lm, prompts.task.name, DETECTOR, vectors, layers,
                          prompts.detector_train, prompts.detector_eval, cfg, batch_size, seed)
 
 
@@ -138,30 +143,29 @@ def run_detector_sweep(lm, tasks, layers=None, prompt_cfg: PromptConfig | None =
                          cfg, batch_size, refresh, "detector")
 
 
-def cleanup_report(scores: pd.DataFrame, label: str = "TV") -> pd.DataFrame:
+def cleanup_report(scores: pd.DataFrame, label: str = TV) -> pd.DataFrame:
     """Per (task, layer): features before/after cleanup and whether cleaned loss <= raw loss."""
-    layered = scores.dropna(subset=["layer"])
-    starts = [m for m in layered.method.unique() if m == f"Recon of {label}"
-              or (m.startswith("pursuit start") and m.endswith(f" of {label}"))]
+    layered = scores[(scores.vector == label) & scores.layer.notna()]
+    starts = layered[layered.view.isin(START_VIEWS)].drop_duplicates("method")
     if len(starts) != 1:
-        raise ValueError(f"expected the rows of one cleanup start of {label!r}, found {starts}: "
-                         "pass the scores of one cleaning sweep")
-    start = starts[0]
-    start_name = "SAE encoding" if start.startswith("Recon") else start.removesuffix(f" of {label}")
-    repeated = layered.duplicated(["task", "layer", "method"])
+        raise ValueError(f"expected the rows of one cleanup start of {label!r}, found "
+                         f"{starts.method.tolist()}: pass the scores of one cleaning sweep")
+    start, view = starts.method.iloc[0], starts.view.iloc[0]
+    start_name = "SAE encoding" if view == RECON else start.removesuffix(f" of {label}")
+    repeated = layered.duplicated(["task", "layer", "view"])
     if repeated.any():
         first = layered[repeated].iloc[0]
         raise ValueError(f"{int(repeated.sum())} rows repeat a (task, layer, method), e.g. "
                          f"({first.task!r}, {first.layer}, {first.method!r}): pass the scores of "
                          "one sweep (tables from several sweeps would be averaged)")
-    table = layered.pivot_table(index=["task", "layer"], columns="method",
+    table = layered.pivot_table(index=["task", "layer"], columns="view",
                                 values=["nll", "l0"], sort=False)
     report = pd.DataFrame({
-        f"features ({start_name})": table[("l0", start)].astype(int),
-        "features (cleaned)": table[("l0", f"cleaned {label}")].astype(int),
-        f"{label} nll": table[("nll", label)],
-        f"{start} nll": table[("nll", start)],
-        "cleaned nll": table[("nll", f"cleaned {label}")]})
+        f"features ({start_name})": table[("l0", view)].astype(int),
+        "features (cleaned)": table[("l0", CLEANED)].astype(int),
+        f"{label} nll": table[("nll", RAW)],
+        f"{start} nll": table[("nll", view)],
+        "cleaned nll": table[("nll", CLEANED)]})
     report[f"cleaned <= {label}"] = report["cleaned nll"] <= report[f"{label} nll"]
     return report
 

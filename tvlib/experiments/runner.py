@@ -17,6 +17,7 @@ from ..cache import cached_groups, cached_table, cached_tables, digest, result_k
 from ..cleanup import CleanupConfig
 from ..engine import score
 from .prompt_setup import PromptConfig, TaskPrompts, build_task_prompts, model_tasks
+from .schema import ICL, ONE_SHOT, ZERO_SHOT, score_row
 
 
 def run_per_task(experiment: str, lm, tasks, prompt_cfg: PromptConfig, settings: dict,
@@ -94,11 +95,6 @@ def run_per_layer(experiment: str, lm, tasks, layers, prompt_cfg: PromptConfig,
     return merged["table"] if list(merged) == ["table"] else merged
 
 
-def table_row(task: str, method: str, layer, scores) -> dict:
-    return {"task": task, "method": method, "layer": layer, "nll": scores.mean_nll(),
-            "accuracy": scores.accuracy(), "n_prompts": len(scores.nll)}
-
-
 def cleanup_settings(cfg: CleanupConfig) -> dict:
     """The cleanup settings that change results (the progress bar does not)."""
     return {k: v for k, v in asdict(cfg).items() if k != "progress"}
@@ -117,14 +113,14 @@ def baseline_rows(lm, prompts: TaskPrompts, batch_size: int = 32,
                   detector: bool = False) -> list[dict]:
     """The rows that do not depend on a layer: zero-shot (or, for detectors, the one-shot
     ``X -> Y`` prompts) and ICL."""
-    first = (("one-shot (X -> Y)", prompts.detector_eval) if detector
-             else ("zero-shot", prompts.zero_shot))
-    return [table_row(prompts.task.name, method, None, score(lm, batch, batch_size=batch_size))
-            for method, batch in (first, ("ICL", prompts.few_shot))]
+    first = (ONE_SHOT, prompts.detector_eval) if detector else (ZERO_SHOT, prompts.zero_shot)
+    return [score_row(prompts.task.name, None, view, None, score(lm, batch,
+                                                                 batch_size=batch_size))
+            for view, batch in (first, (ICL, prompts.few_shot))]
 
 
 def baseline_table(lm, prompts: TaskPrompts, batch_size: int = 32,
                    detector: bool = False) -> pd.DataFrame:
     """``baseline_rows`` as a table whose layer column is float (NaN), as in a sweep's."""
     table = pd.DataFrame(baseline_rows(lm, prompts, batch_size, detector))
-    return table.astype({"layer": "float64"})
+    return table.astype({"layer": "float64", "k": "float64"})

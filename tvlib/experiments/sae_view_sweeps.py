@@ -13,7 +13,8 @@ from ..sae_views import ITO_L0, decode, encode, ito, recon_of_tv, tv_on_recon
 from ..taskvec import task_vectors
 from .prompt_setup import (PromptConfig, TaskPrompts, build_task_prompts, layers_with_sae,
                            model_tasks, prompt_config)
-from .runner import baseline_table, positive_ints, run_per_layer, run_per_task, table_row
+from .runner import baseline_table, positive_ints, run_per_layer, run_per_task
+from .schema import ITO, ON_RECON, RAW, RECON, TV, score_row
 
 
 def run_sae_view_sweep(lm, tasks, layers=None, prompt_cfg: PromptConfig | None = None,
@@ -46,13 +47,13 @@ def sae_view_layers(lm, prompts: TaskPrompts, layers, target_l0: int = ITO_L0,
         sae = load_sae(lm.preset, layer)
         check_sae_site(sae, lm, layer)
         tv = layer_resid.flatten(0, 1).nanmean(0)                            # (d,)
-        views = {"TV": tv, "Recon of TV": recon_of_tv(sae, tv, layer),
-                 "TV on recon": tv_on_recon(sae, layer_resid, layer),
-                 f"ITO (L0={target_l0})": ito(sae, tv, layer, target_l0, subtract_b_dec)[0]}
+        views = [(RAW, None, tv), (RECON, None, recon_of_tv(sae, tv, layer)),
+                 (ON_RECON, None, tv_on_recon(sae, layer_resid, layer)),
+                 (ITO, target_l0, ito(sae, tv, layer, target_l0, subtract_b_dec)[0])]
         out[layer] = pd.DataFrame([
-            table_row(name, method, layer, score(lm, prompts.zero_shot, Steering(layer, vector),
-                                                 batch_size))
-            for method, vector in views.items()])
+            score_row(name, TV, view, layer, score(lm, prompts.zero_shot,
+                                                   Steering(layer, vector), batch_size), k=k)
+            for view, k, vector in views])
     return out
 
 
@@ -74,15 +75,14 @@ def ito_sweep(lm, prompts: TaskPrompts, sae, layer: int, target_l0s, subtract_b_
     name = prompts.task.name
     tv = task_vectors(lm, prompts.few_shot, [layer], batch_size=batch_size)[0]
     code = encode(sae, tv)
-    views = [("TV", None, None, tv), ("Recon of TV", None, int((code > 0).sum()),
-                                      decode(sae, code))]
+    views = [(RAW, None, None, tv), (RECON, None, int((code > 0).sum()), decode(sae, code))]
     for k in target_l0s:
         vector, result = ito(sae, tv, layer, k, subtract_b_dec)
-        views.append(("ITO", k, int((result.weights > 0).sum()), vector))
+        views.append((ITO, k, int((result.weights > 0).sum()), vector))
     rows = []
-    for method, k, l0, vector in views:
+    for view, k, l0, vector in views:
         scores = score(lm, prompts.zero_shot, Steering(layer, vector.detach()), batch_size)
-        rows.append({**table_row(name, method, layer, scores), "target_l0": k, "l0": l0})
+        rows.append(score_row(name, TV, view, layer, scores, k=k, l0=l0))
     return pd.DataFrame(rows)
 
 

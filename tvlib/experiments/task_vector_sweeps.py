@@ -8,14 +8,15 @@ from ..engine import Steering, score
 from ..models import check_layers, n_layers
 from ..taskvec import task_vectors
 from .prompt_setup import PromptConfig, TaskPrompts, prompt_config
-from .runner import baseline_table, run_per_layer, table_row
+from .runner import baseline_table, run_per_layer
+from .schema import BASELINES as BASELINE_VIEWS, ICL, RAW, TV, ZERO_SHOT, score_row
 
 
 def task_vector_layers(lm, prompts: TaskPrompts, layers, positions: str = "all",
                        mode: str = "add", batch_size: int = 32) -> dict[int, pd.DataFrame]:
     """The task vector added (or written) at each layer, scored: ``{layer: its row}``."""
     vectors = task_vectors(lm, prompts.few_shot, layers, positions, batch_size)   # (L, d)
-    return {layer: pd.DataFrame([table_row(prompts.task.name, "TV", layer, score(
+    return {layer: pd.DataFrame([score_row(prompts.task.name, TV, RAW, layer, score(
                 lm, prompts.zero_shot, Steering(layer, vector, mode), batch_size))])
             for layer, vector in zip(layers, vectors)}
 
@@ -38,7 +39,9 @@ def run_task_vector_sweep(lm, tasks, layers=None, prompt_cfg: PromptConfig | Non
                           lambda p, ls: task_vector_layers(lm, p, ls, positions, mode,
                                                            batch_size),
                           refresh, uses_saes=False, batch_size=batch_size)
-    table.loc[table.method == "TV", "method"] = tv_method(mode, positions)
+    vectors = table.view == RAW                      # labelled after the cache, never stored
+    table.loc[vectors, "method"] = tv_method(mode, positions)
+    table.loc[vectors, "mode"], table.loc[vectors, "positions"] = mode, positions
     return table
 
 
@@ -53,7 +56,7 @@ def run_task_vector_variants(lm, tasks, layers=None, prompt_cfg: PromptConfig | 
                          "e.g. [('add', 'all'), ('replace', 'last')]")
     tables = [run_task_vector_sweep(lm, tasks, layers, prompt_cfg, positions, mode,
                                     batch_size, refresh) for mode, positions in variants]
-    later = [t[~t.method.isin(["zero-shot", "ICL"])] for t in tables[1:]]
+    later = [t[~t.view.isin(BASELINE_VIEWS)] for t in tables[1:]]
     return pd.concat([tables[0], *later], ignore_index=True)
 
 
@@ -71,7 +74,7 @@ def summarise_sweep(results: pd.DataFrame, layered_method: str = "TV") -> pd.Dat
     rows = []
     for task, group in results.groupby("task", sort=False):
         row = {"task": task}
-        for method in ("zero-shot", "ICL"):
+        for method in (ZERO_SHOT, ICL):
             match = group[group.method == method]
             if len(match):
                 row[f"{method} nll"] = match.nll.iloc[0]
