@@ -126,3 +126,21 @@ def test_an_answer_before_the_steer_token_is_refused(models):
     late = dataclasses.replace(batch, steer_pos=batch.target_pos[:, 0])   # on the answer
     with pytest.raises(ValueError, match="answer token before its steer token"):
         SteeredNLL(lm, LAYER, late)
+
+
+def test_positions_before_the_traced_tokens_are_refused(models):
+    """A trace of the prompts' later tokens cannot steer or score an earlier one: the
+    shifted position would be negative and index from the end."""
+    from tvlib.engine import Steering, apply_steering, logits_at_targets
+    from tvlib.models import trace
+    lm = models["toy"]
+    batch = tokenize_prompts(lm.tokenizer, zero_shot_prompts(PAIRS, task="mixed"))
+    start = int(batch.steer_pos.max()) + 1                 # after every steer token
+    inputs = {k: v[:, start:] for k, v in batch.model_inputs().items()}
+    inputs["attention_mask"] = batch.attention_mask
+    with pytest.raises(ValueError, match="steer token is at position .* before the trace"):
+        with trace(lm, inputs):
+            apply_steering(lm, Steering(LAYER, torch.zeros(d_model(lm))), batch, start)
+    with pytest.raises(ValueError, match="predicts an answer is at position .* before"):
+        with trace(lm, inputs):
+            logits_at_targets(lm, batch, start)

@@ -128,6 +128,7 @@ def logits_at_targets(lm, batch: PromptBatch, start: int = 0) -> torch.Tensor:
     the prompts from there on (``steered_loss``).
     """
     rows, predict_pos, _ = batch.scored_tokens()
+    check_start(predict_pos, start, "a token that predicts an answer")
     head = lm.lm_head
     head.input = head.input[rows, predict_pos - start]                      # (N, d)
     return lm.output.logits
@@ -142,12 +143,20 @@ def apply_steering(lm, steering: Steering | None, batch: PromptBatch, start: int
         return
     h = resid_pre(lm, steering.layer)                  # (B, T, d)
     steering.check_fits(batch, d_model(lm))
+    check_start(batch.steer_pos, start, "a steer token")
     rows = torch.arange(len(batch))
     vector = steering.vector.to(device=h.device, dtype=h.dtype)
     if steering.mode == "add":
         h[rows, batch.steer_pos - start] += vector
     else:
         h[rows, batch.steer_pos - start] = vector.expand(len(batch), -1).clone()
+
+
+def check_start(positions: torch.Tensor, start: int, what: str) -> None:
+    """Fail if a position lies before the trace's first token (it would index from the end)."""
+    if start and int(positions.min()) < start:
+        raise ValueError(f"{what} is at position {int(positions.min())}, before the trace's "
+                         f"first token ({start}): start the trace at or before it")
 
 
 def score(lm, batch: PromptBatch, steering: Steering | None = None,

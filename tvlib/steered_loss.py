@@ -67,7 +67,9 @@ class SteeredNLL:
         self.prefix = None
         if start > 0:                 # keys and values of tokens [0, start), every block
             prefix = {k: v[:, :start] for k, v in inputs.items()}
-            with torch.no_grad(), trace(self.lm, {**prefix, "use_cache": True}):
+            # logits_to_keep=1: the prefix's logits are never used, unembed only one position
+            with torch.no_grad(), trace(self.lm, {**prefix, "use_cache": True,
+                                                  "logits_to_keep": 1}):
                 output = self.lm.output.save()
             self.prefix = output.past_key_values
 

@@ -9,7 +9,7 @@ model preset's n_shots.
 """
 
 from .cleanup_sweeps import (MIN_GAIN, cleanup_report, earliest_effective_layer, lambda_sweep,
-                             run_cleanup_sweep, run_detector_sweep, start_method,
+                             run_cleanup_sweep, run_detector_sweep,
                              top_cleaned_features)
 from .prompt_setup import (PromptConfig, TaskPrompts, build_task_prompts, configure,
                            model_tasks, prompt_config)
@@ -34,7 +34,7 @@ __all__ = [
     "run_sae_view_sweep", "run_ito_sweep", "first_pursuit_features",
     # 04-05 cleanup and detectors
     "run_cleanup_sweep", "run_detector_sweep", "lambda_sweep", "cleanup_report",
-    "start_method", "earliest_effective_layer", "MIN_GAIN", "top_cleaned_features",
+    "earliest_effective_layer", "MIN_GAIN", "top_cleaned_features",
     # 06 steering matrix
     "run_steering_matrix", "own_feature_wins",
 ]

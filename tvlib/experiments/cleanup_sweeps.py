@@ -30,10 +30,6 @@ def start_view(cfg: CleanupConfig) -> tuple[str, int | None]:
     return (RECON, None) if cfg.init == "encoder" else (PURSUIT_START, cfg.pursuit_l0)
 
 
-def start_method(label: str, cfg: CleanupConfig) -> str:
-    """The label of the vector a cleanup starts from ("Recon of TV", "pursuit start ...")."""
-    return method_label(label, *start_view(cfg))
-
 
 FEATURE_COLUMNS = {"task": "object", "layer": "int64", "feature": "int64",
                    "recon_weight": "float64", "cleaned_weight": "float64"}

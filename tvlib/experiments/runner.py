@@ -55,7 +55,7 @@ def run_per_layer(experiment: str, lm, tasks, layers, prompt_cfg: PromptConfig,
     its own ``result_key`` (with the SAE of its layer when ``uses_saes``).
 
     ``baselines`` ("zero-shot", "detector" or None): the layer-free rows of
-    ``baseline_rows``, put before the layers' rows in the table ``baselines_part``. The
+    ``baseline_table``, put before the layers' rows in the table ``baselines_part``. The
     result has the form ``compute`` gives, each table concatenated over tasks and layers.
     ``batch_size`` is the baselines' (it does not change their numbers, so it is not keyed).
     """
@@ -109,18 +109,12 @@ def positive_ints(name: str, values) -> list[int]:
     return values
 
 
-def baseline_rows(lm, prompts: TaskPrompts, batch_size: int = 32,
-                  detector: bool = False) -> list[dict]:
-    """The rows that do not depend on a layer: zero-shot (or, for detectors, the one-shot
-    ``X -> Y`` prompts) and ICL."""
-    first = (ONE_SHOT, prompts.detector_eval) if detector else (ZERO_SHOT, prompts.zero_shot)
-    return [score_row(prompts.task.name, None, view, None, score(lm, batch,
-                                                                 batch_size=batch_size))
-            for view, batch in (first, (ICL, prompts.few_shot))]
-
-
 def baseline_table(lm, prompts: TaskPrompts, batch_size: int = 32,
                    detector: bool = False) -> pd.DataFrame:
-    """``baseline_rows`` as a table whose layer column is float (NaN), as in a sweep's."""
-    table = pd.DataFrame(baseline_rows(lm, prompts, batch_size, detector))
-    return table.astype({"layer": "float64", "k": "float64"})
+    """The rows that do not depend on a layer: zero-shot (or, for detectors, the one-shot
+    ``X -> Y`` prompts) and ICL; layer and k are float (NaN), as in a sweep's table."""
+    first = (ONE_SHOT, prompts.detector_eval) if detector else (ZERO_SHOT, prompts.zero_shot)
+    rows = [score_row(prompts.task.name, None, view, None,
+                      score(lm, batch, batch_size=batch_size))
+            for view, batch in (first, (ICL, prompts.few_shot))]
+    return pd.DataFrame(rows).astype({"layer": "float64", "k": "float64"})
