@@ -256,3 +256,20 @@ def test_sweeps_cache_each_task_and_layer_and_share_the_baselines(toy_lm, tmp_pa
     pd.testing.assert_frame_equal(tv.drop(columns=labelled),
                                   task_vector_sweep(toy_lm, prompts, [2, 4]),
                                   check_exact=False, rtol=1e-6)
+
+
+def test_a_sweep_loads_each_layers_sae_once_for_all_tasks(toy_lm, tmp_path, monkeypatch):
+    import tvlib.saes as saes
+    monkeypatch.setattr("tvlib.cache.CACHE_DIR", tmp_path / "cache")
+    loads = []
+    load_sae = saes.load_sae
+
+    def counted(preset, layer, device=None):
+        loads.append(layer)
+        return load_sae(preset, layer, device)
+
+    monkeypatch.setattr(saes, "load_sae", counted)
+    cfg = PromptConfig(n_prompts=4, n_shots=4, n_eval=6, n_train=6)
+    table = run_sae_view_sweep(toy_lm, ["antonyms", "en_fr"], [2, 4], cfg)
+    assert set(table.task) == {"antonyms", "en_fr"}
+    assert sorted(loads) == [2, 4]                       # not once per task

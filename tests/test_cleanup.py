@@ -6,6 +6,7 @@ import torch
 from sae_lens import SAE, StandardSAEConfig, TopKSAEConfig
 
 import tvlib.feature_weights
+import tvlib.pursuit
 from tests.test_pursuit import HAND_D, HAND_X
 from tests.test_sae_views import ARCHITECTURES, random_sae
 from tvlib.cleanup import CleanupConfig, CleanupDiverged, cleanup
@@ -360,7 +361,7 @@ def test_cleanup_passes_the_pursuit_selection_on(toy_lm, setup, monkeypatch):
         seen.append(kwargs.get("selection"))
         return gradient_pursuit(*args, **kwargs)
 
-    monkeypatch.setattr(tvlib.feature_weights, "gradient_pursuit", spy)
+    monkeypatch.setattr(tvlib.pursuit, "gradient_pursuit", spy)
     for selection in ("all", "inactive"):
         cleanup(toy_lm, s["sae"], s["layer"], s["tv"], s["train"], cfg=CleanupConfig(
             max_steps=1, init="pursuit", pursuit_selection=selection, progress=False))

@@ -200,7 +200,7 @@ def test_missing_hub_files_give_one_clear_error(tmp_path, monkeypatch):
         corpus_texts("gpt2")
 
 
-def test_cached_files_without_a_hub_switch_to_offline_mode(tmp_path, monkeypatch):
+def test_cached_files_without_a_hub_load_offline_for_that_load_only(tmp_path, monkeypatch):
     import datasets.config
     from huggingface_hub import constants
     snapshot = tmp_path / "models--org--model" / "snapshots" / "abc123"
@@ -214,10 +214,41 @@ def test_cached_files_without_a_hub_switch_to_offline_mode(tmp_path, monkeypatch
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)
-    hub.require_hub("org/model", "model")                      # cached: no error
-    assert constants.HF_HUB_OFFLINE and datasets.config.HF_HUB_OFFLINE
+    with hub.hub_files("org/model", "model"):                  # cached: no error
+        assert constants.HF_HUB_OFFLINE and datasets.config.HF_HUB_OFFLINE
+        assert datasets.config.HF_DATASETS_OFFLINE
+    # the process is back online afterwards: a later load asks the hub again
+    assert not (constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE
+                or datasets.config.HF_DATASETS_OFFLINE)
+    with pytest.raises(RuntimeError, match="raised inside"):
+        with hub.hub_files("org/model", "model"):
+            raise RuntimeError("raised inside")
+    assert not constants.HF_HUB_OFFLINE                         # restored after an error too
     with pytest.raises(hub.HubUnavailableError, match="'org/other'"):
-        hub.require_hub("org/other", "model")
+        with hub.hub_files("org/other", "model"):
+            pass
+
+
+def test_the_hub_is_asked_again_after_a_minute(monkeypatch):
+    from huggingface_hub import constants
+    from huggingface_hub import utils as hub_utils
+    calls = []
+
+    class Down:
+        def head(self, url, timeout):
+            calls.append(url)
+            raise ConnectionError("no network")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_utils, "get_session", lambda: Down())
+    monkeypatch.setattr(hub, "_reachable", {})
+    now = [1000.0]
+    monkeypatch.setattr(hub.time, "monotonic", lambda: now[0])
+    assert not hub.hub_reachable() and not hub.hub_reachable()
+    assert len(calls) == 1                                      # one request per minute
+    now[0] += hub.REACHABLE_TTL_S + 1
+    assert not hub.hub_reachable()
+    assert len(calls) == 2
 
 
 def test_unknown_preset():

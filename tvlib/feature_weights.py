@@ -69,7 +69,7 @@ import math
 
 import torch
 
-from .pursuit import gradient_pursuit
+from .pursuit import sae_pursuit
 
 INITS = ("encoder", "pursuit")
 ACTIVATIONS = ("sae", "relu")
@@ -128,8 +128,9 @@ def initial_theta(sae, tv: torch.Tensor, init: str = "encoder", pursuit_l0: int 
     """theta0 (F,) such that ``activation_function(sae, activation)(theta0)`` is the SAE encoding of ``tv``.
 
     "encoder": pre-activations on active features, and at most 0 on the others.
-    "pursuit": gradient-pursuit weights of ``tv`` with ``pursuit_l0`` features and
-    the ``pursuit_selection`` rule (the authors' start for detector vectors);
+    "pursuit": gradient-pursuit weights of ``tv`` (``tvlib.pursuit.sae_pursuit``, b_dec not
+    subtracted) with ``pursuit_l0`` features and the ``pursuit_selection`` rule (the
+    authors' start for detector vectors; decoded with b_dec like every cleanup vector);
     inactive features at -1. With activation "sae", pursuit weights at or below
     a feature's threshold start at w = 0, as in the authors' code (their cleanup
     passes the pursuit weights through the same gate). Their detector script
@@ -144,8 +145,7 @@ def initial_theta(sae, tv: torch.Tensor, init: str = "encoder", pursuit_l0: int 
         raise ValueError(f"activation={activation!r} is unknown: pass activation='sae' or 'relu'")
     x = tv.detach().to(sae.W_dec).unsqueeze(0)                         # (1, d)
     if init == "pursuit":
-        w = gradient_pursuit(x, sae.W_dec.detach(), pursuit_l0,
-                             selection=pursuit_selection).weights[0].to(x.device)
+        w = sae_pursuit(sae, x, pursuit_l0, selection=pursuit_selection).weights[0].to(x.device)
         return torch.where(w > 0, w, torch.full_like(w, -1.0))
     with torch.no_grad():
         _, cache = sae.run_with_cache(x)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .hub import require_hub
+from .hub import hub_files
 from .saes import check_sae_site
 from .sae_views import check_features
 from .engine import check_batch_size, collect_residuals
@@ -39,8 +39,8 @@ def corpus_texts(preset, n_texts: int = 2000) -> list[str]:
             raise FileNotFoundError(f"corpus file {path} does not exist")
         return json.loads(path.read_text(encoding="utf-8"))[:n_texts]
     import datasets
-    require_hub(preset.corpus, "dataset", "*", repo_type="dataset")
-    rows = datasets.load_dataset(preset.corpus, split=f"train[:{n_texts}]")
+    with hub_files(preset.corpus, "dataset", "*", repo_type="dataset"):
+        rows = datasets.load_dataset(preset.corpus, split=f"train[:{n_texts}]")
     return list(rows["text"])
 
 

@@ -1,18 +1,21 @@
 """Reaching the Hugging Face hub: one clear error instead of a stack of retries.
 
 Models and SAEs of the real-model presets come from the hub and are cached
-under ``HF_HOME``. Before loading, ``require_hub`` checks that the files are
-cached or that the hub answers; when the hub cannot be reached but the files
-are cached, the process switches to offline mode so loaders read the cache
-without retrying the network.
+under ``HF_HOME``. Every load runs inside ``hub_files``: it checks that the files
+are cached or that the hub answers; when the hub cannot be reached but the files
+are cached, the load runs in offline mode (loaders read the cache without
+retrying the network). Offline mode holds for that load only: the flags are
+restored after it, so a later load asks the hub again.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-from functools import lru_cache
+import time
+from contextlib import contextmanager
 from pathlib import Path
+
+REACHABLE_TTL_S = 60.0     # how long one answer about the hub is trusted
+_reachable: dict[str, tuple[float, bool]] = {}
 
 
 class HubUnavailableError(OSError):
@@ -24,22 +27,26 @@ def hub_cache_dir() -> str:
     return constants.HF_HUB_CACHE
 
 
-@lru_cache(maxsize=1)
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the hub's endpoint answers one request (checked once per process).
+    """Whether the hub's endpoint answers one request (the answer is kept for a minute).
 
     One HEAD request through huggingface_hub's own HTTP session, so proxies set
-    in the environment apply, and no retries.
+    in the environment apply, and no retries. False in offline mode.
     """
     from huggingface_hub import constants
     from huggingface_hub.utils import get_session
     if constants.HF_HUB_OFFLINE:
         return False
+    asked = _reachable.get(constants.ENDPOINT)
+    if asked is not None and time.monotonic() - asked[0] < REACHABLE_TTL_S:
+        return asked[1]
     try:
         get_session().head(constants.ENDPOINT, timeout=timeout)
-        return True
+        answer = True
     except Exception:   # any failure to connect means "not reachable"
-        return False
+        answer = False
+    _reachable[constants.ENDPOINT] = (time.monotonic(), answer)
+    return answer
 
 
 def cached_snapshot(repo_id: str, repo_type: str = "model") -> Path | None:
@@ -56,31 +63,47 @@ def is_cached(repo_id: str, path_in_repo: str, repo_type: str = "model") -> bool
     return root is not None and any(root.glob(path_in_repo))
 
 
-def go_offline() -> None:
-    """Make huggingface_hub, transformers and datasets read the cache without network calls."""
+@contextmanager
+def offline_mode():
+    """Within: huggingface_hub, transformers and datasets read the cache without network
+    calls. The flags they read are restored on the way out."""
     from huggingface_hub import constants
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    import datasets.config as datasets_config   # it copies the flag at import: set its own
+    saved = (constants.HF_HUB_OFFLINE, datasets_config.HF_HUB_OFFLINE,
+             datasets_config.HF_DATASETS_OFFLINE)
     constants.HF_HUB_OFFLINE = True
-    datasets_config = sys.modules.get("datasets.config")   # read its flag at import
-    if datasets_config is not None:
-        datasets_config.HF_HUB_OFFLINE = datasets_config.HF_DATASETS_OFFLINE = True
+    datasets_config.HF_HUB_OFFLINE = datasets_config.HF_DATASETS_OFFLINE = True
+    try:
+        yield
+    finally:
+        (constants.HF_HUB_OFFLINE, datasets_config.HF_HUB_OFFLINE,
+         datasets_config.HF_DATASETS_OFFLINE) = saved
 
 
-def require_hub(repo_id: str, what: str, path_in_repo: str = "config.json",
-                repo_type: str = "model", include: str | None = None) -> None:
-    """Fail with one clear error unless ``repo_id`` is cached or the hub answers.
+@contextmanager
+def hub_files(repo_id: str, what: str, path_in_repo: str = "config.json",
+              repo_type: str = "model", include: str | None = None):
+    """Within: ``repo_id`` loads from the hub if it answers, else from the local cache in
+    ``offline_mode``; one clear error if it is neither reachable nor cached.
 
     what: a short description for the message ("model", "SAE repository").
     path_in_repo: a glob pattern whose presence in the cached snapshot means what
     is needed is there. include: the pattern to download, if not the whole repository.
     """
     if hub_reachable():
-        return
-    if is_cached(repo_id, path_in_repo, repo_type):
-        go_offline()
-        return
+        yield
+    elif is_cached(repo_id, path_in_repo, repo_type):
+        with offline_mode():
+            yield
+    else:
+        raise unavailable(repo_id, what, repo_type, include)
+
+
+def unavailable(repo_id: str, what: str, repo_type: str = "model",
+                include: str | None = None) -> HubUnavailableError:
+    """The error for files neither cached nor downloadable, with how to get them."""
     gated = "google/gemma" in repo_id
-    raise HubUnavailableError(
+    return HubUnavailableError(
         f"the {what} {repo_id!r} is not in the local hub cache ({hub_cache_dir()}) and the "
         "Hugging Face hub cannot be reached from this machine. To get it: on a machine with "
         "internet access run `hf auth login`"
@@ -98,10 +121,10 @@ def download_first_folder(repo_id: str, pattern: str) -> Path:
     Only that folder is downloaded (repositories of SAE sweeps hold many); with
     no network, the cached snapshot is used as it is.
     """
-    require_hub(repo_id, "SAE repository", f"{pattern}/*.safetensors", include=f"{pattern}/*")
-    from huggingface_hub import constants
-    if constants.HF_HUB_OFFLINE:
-        return cached_snapshot(repo_id)
+    if not hub_reachable():
+        if is_cached(repo_id, f"{pattern}/*.safetensors"):
+            return cached_snapshot(repo_id)
+        raise unavailable(repo_id, "SAE repository", include=f"{pattern}/*")
     from fnmatch import fnmatch
 
     from huggingface_hub import list_repo_files, snapshot_download

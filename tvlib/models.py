@@ -6,12 +6,13 @@ block L (Hugging Face ``hidden_states[L]``).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from numbers import Integral
 from pathlib import Path
 
 import torch
 
-from .hub import require_hub
+from .hub import hub_files
 from .presets import GEMMA3_270M_PYPI, Preset, get_preset
 
 
@@ -29,9 +30,8 @@ def load_model(preset: str | Preset, device: str | None = None, device_map: str 
     remote=True runs every trace on NDIF (nnsight's remote backend; no local weights:
     reading, steering and scoring work, gradient-based steps do not, see
     ``require_local``); remote="local" simulates that path in-process (for tests).
+    The returned model carries ``lm.preset`` and ``lm.remote``, read by the rest of tvlib.
     """
-    from nnsight.modeling.transformers import TransformersModel
-
     preset = get_preset(preset)
     source = model_source(preset)
     local_dir = Path(source).is_dir()
@@ -39,28 +39,34 @@ def load_model(preset: str | Preset, device: str | None = None, device_map: str 
         raise FileNotFoundError(
             f"the embedded model is missing from {preset.model_id}; restore data/toy from "
             "git or rebuild it with `python -m tvlib.toy train`")
-    if not local_dir:
-        require_hub(preset.model_id, "model")
-    if remote is True:   # a meta-device skeleton: config and tokenizer only
-        from transformers import AutoTokenizer
-        lm = TransformersModel(source, task="text-generation",
-                               tokenizer=AutoTokenizer.from_pretrained(source))
-    else:
-        device = device or default_device()
-        on_cpu = device == "cpu" and device_map is None
-        dtype = dtype or ("float32" if on_cpu else preset.dtype_cuda)
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype {dtype!r} is not one of 'float32', 'bfloat16', 'float16'")
-        lm = TransformersModel(source, task="text-generation",
-                               device_map=device_map or device, dtype=getattr(torch, dtype),
-                               dispatch=True)
-        lm._module.eval()
-        lm._module.requires_grad_(False)   # never trained here; gradients go to vectors
+    with nullcontext() if local_dir else hub_files(preset.model_id, "model"):
+        lm = _load(source, device, device_map, remote, dtype, preset)
     lm.tokenizer.padding_side = "left"
     if lm.tokenizer.pad_token is None:
         lm.tokenizer.pad_token = lm.tokenizer.eos_token
+    # What the model was loaded as, on nnsight's own wrapper: a tvlib subclass would change
+    # the model key ("import.path.ClassName:...") NDIF rebuilds a remote model from.
     lm.preset = preset
     lm.remote = remote
+    return lm
+
+
+def _load(source: str, device, device_map, remote, dtype, preset: Preset):
+    from nnsight.modeling.transformers import TransformersModel
+
+    if remote is True:   # a meta-device skeleton: config and tokenizer only
+        from transformers import AutoTokenizer
+        return TransformersModel(source, task="text-generation",
+                                 tokenizer=AutoTokenizer.from_pretrained(source))
+    device = device or default_device()
+    on_cpu = device == "cpu" and device_map is None
+    dtype = dtype or ("float32" if on_cpu else preset.dtype_cuda)
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype {dtype!r} is not one of 'float32', 'bfloat16', 'float16'")
+    lm = TransformersModel(source, task="text-generation", device_map=device_map or device,
+                           dtype=getattr(torch, dtype), dispatch=True)
+    lm._module.eval()
+    lm._module.requires_grad_(False)   # never trained here; gradients go to vectors
     return lm
 
 

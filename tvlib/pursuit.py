@@ -46,10 +46,15 @@ the same with tvlib's converted decoder (W_dec / n_out): scaling the whole
 dictionary by a constant scales the weights by its inverse and leaves the picks
 and the reconstruction unchanged.
 
-``subtract_b_dec`` (in ``sae_views.ito``; default False, as the authors did):
-whether to code ``x - b_dec`` rather than ``x``. Task vectors are means of
-residuals, which already contain the mean that b_dec models, so the default
-codes the vector as it is.
+``sae_pursuit`` is the one entry point from an SAE, for both of its uses:
+``sae_views.ito`` (the ITO view) and ``feature_weights.initial_theta`` (the
+pursuit start of a cleanup, for detectors). ``subtract_b_dec`` (default False, as
+the authors did): whether to code ``x - b_dec`` rather than ``x``. Task vectors
+are means of residuals, which already contain the mean that b_dec models, so the
+default codes the vector as it is. How the weights are decoded is the caller's:
+ITO steers with ``w W_dec`` (plus b_dec when it was subtracted); a cleanup decodes
+every vector, its start included, with the SAE's decoder, ``w W_dec + b_dec``, as
+the authors' cleanup does.
 """
 
 from __future__ import annotations
@@ -127,3 +132,13 @@ def gradient_pursuit(x: torch.Tensor, dictionary: torch.Tensor, target_l0: int,
         w = (w + eta[:, None] * g).clamp(min=0)
         errors.append(((x - w @ D) ** 2).sum(-1))
     return PursuitResult(w.cpu(), torch.stack(errors).cpu(), order.cpu())
+
+
+def sae_pursuit(sae, x: torch.Tensor, target_l0: int, step: str = "feasible",
+                selection: str = "inactive", subtract_b_dec: bool = False) -> PursuitResult:
+    """Gradient pursuit of ``x`` (d,) or (B, d) in the SAE's decoder rows ``W_dec`` (F, d),
+    of ``x - b_dec`` when ``subtract_b_dec``; on the SAE's device, weights on the CPU."""
+    D = sae.W_dec.detach().float()                                   # (F, d)
+    b_dec = sae.b_dec.detach().float() if subtract_b_dec else 0
+    return gradient_pursuit(x.detach().to(D) - b_dec, D, target_l0, step=step,
+                            selection=selection)

@@ -17,7 +17,7 @@ from numbers import Integral
 import torch
 
 from .saes import check_sae_site
-from .pursuit import PursuitResult, gradient_pursuit
+from .pursuit import PursuitResult, sae_pursuit
 
 ITO_L0 = 40          # ITO's target number of features (the writeup's ITO(40))
 
@@ -96,8 +96,8 @@ def ito(sae, tv: torch.Tensor, layer: int, target_l0: int = ITO_L0, subtract_b_d
     """
     check_sae_site(sae, None, layer)
     _check_width(sae, tv, "task vector")
+    result = sae_pursuit(sae, tv, target_l0, step, selection, subtract_b_dec)
     D = sae.W_dec.float()                                           # (F, d), on the SAE's device
     b_dec = sae.b_dec.float() if subtract_b_dec else 0
-    result = gradient_pursuit(tv.to(D) - b_dec, D, target_l0, step=step, selection=selection)
     vector = (result.weights.to(D) @ D + b_dec).cpu()
     return vector.squeeze(0) if tv.dim() == 1 else vector, result

@@ -8,7 +8,7 @@ from numbers import Integral
 from pathlib import Path
 
 from .authors_sae import load_authors_sae
-from .hub import download_first_folder, require_hub
+from .hub import download_first_folder, hub_files
 from .models import d_model, default_device
 from .presets import Preset, get_preset
 
@@ -50,7 +50,8 @@ def load_sae(preset: str | Preset, layer: int, device: str | None = None):
     device = device or default_device()
     if preset.sae_release is not None:
         from sae_lens import SAE
-        sae = SAE.from_pretrained(preset.sae_release, sae_id, device=device)
+        with _release_files(preset.sae_release, sae_id):
+            sae = SAE.from_pretrained(preset.sae_release, sae_id, device=device)
     elif preset.sae_format == "authors":
         # their files record no site; their folder names do ("it-l12-residual-...")
         named = re.search(r"-l(\d+)-", folder.name)
@@ -68,6 +69,20 @@ def load_sae(preset: str | Preset, layer: int, device: str | None = None):
             f"{layer - (preset.sae_site == 'resid_post')}): check the preset's sae_site, "
             "sae_layers and sae_id, or replace the SAE folder with the right one")
     return sae.eval()
+
+
+class SAEShelf:
+    """A preset's SAEs by resid_pre layer, each loaded (by ``load_sae``, with its checks) on
+    first use and kept: a sweep over tasks loads each layer's SAE once."""
+
+    def __init__(self, preset: str | Preset, device: str | None = None):
+        self.preset, self.device = get_preset(preset), device
+        self._loaded: dict[int, object] = {}
+
+    def __getitem__(self, layer: int):
+        if layer not in self._loaded:
+            self._loaded[layer] = load_sae(self.preset, layer, self.device)
+        return self._loaded[layer]
 
 
 def sae_site(sae) -> tuple[str, int] | None:
@@ -125,8 +140,8 @@ def check_sae_site(sae, lm, layer: int) -> None:
             f"{layer}: load the SAE for this layer with tvlib.saes.load_sae(preset, {layer})")
 
 
-def _release_folder(release: str, sae_id: str) -> Path:
-    """The local folder of one SAE of a sae-lens release (downloaded if not cached)."""
+def _release_files(release: str, sae_id: str):
+    """``hub_files`` for one SAE of a sae-lens release: its folder in the release's repository."""
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
     lookup = get_pretrained_saes_directory().get(release)
@@ -134,11 +149,20 @@ def _release_folder(release: str, sae_id: str) -> Path:
         raise ValueError(f"sae-lens release {release!r} has no SAE {sae_id!r} in the installed "
                          "catalogue; check the preset's sae_release and sae_id")
     folder = lookup.saes_map[sae_id]
-    require_hub(lookup.repo_id, f"SAE {sae_id!r} of sae-lens release {release!r}, in repository",
-                f"{folder}/*", include=f"{folder}/*")
+    return hub_files(lookup.repo_id, f"SAE {sae_id!r} of sae-lens release {release!r}, in "
+                     "repository", f"{folder}/*", include=f"{folder}/*")
+
+
+def _release_folder(release: str, sae_id: str) -> Path:
+    """The local folder of one SAE of a sae-lens release (downloaded if not cached)."""
     from huggingface_hub import constants, snapshot_download
-    root = snapshot_download(lookup.repo_id, allow_patterns=[f"{folder}/*"],
-                             local_files_only=constants.HF_HUB_OFFLINE)
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    lookup = get_pretrained_saes_directory()[release]
+    folder = lookup.saes_map[sae_id]
+    with _release_files(release, sae_id):
+        root = snapshot_download(lookup.repo_id, allow_patterns=[f"{folder}/*"],
+                                 local_files_only=constants.HF_HUB_OFFLINE)
     return Path(root) / folder
 
 

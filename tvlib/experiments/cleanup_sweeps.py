@@ -12,7 +12,7 @@ from ..cleanup import CleanupConfig, cleanup
 from ..detectors import DETECTOR_CLEANUP, detector_vectors
 from ..engine import Steering, score
 from ..models import check_layers
-from ..saes import check_sae_site, load_sae
+from ..saes import SAEShelf, check_sae_site, load_sae
 from ..prompt_batch import PromptBatch
 from ..sae_views import decode
 from ..taskvec import task_vectors
@@ -37,18 +37,21 @@ FEATURE_COLUMNS = {"task": "object", "layer": "int64", "feature": "int64",
 
 def clean_vectors(lm, name: str, label: str, vectors, layers, train: PromptBatch,
                   evaluate: PromptBatch, cfg: CleanupConfig, batch_size: int = 32,
-                  seed: int = 0) -> dict[int, dict[str, pd.DataFrame]]:
+                  seed: int = 0, saes: SAEShelf | None = None
+                  ) -> dict[int, dict[str, pd.DataFrame]]:
     """Score raw and cleaned versions of per-layer ``vectors``: per layer, its "scores"
     rows and the "features" weights.
 
     Views of the vector ``label`` (TV or detector): RAW, the cleanup's start decoded
     (``start_view(cfg)``: RECON, the SAE encoding, or PURSUIT_START) and CLEANED
-    (scored on ``evaluate``, trained on ``train``).
+    (scored on ``evaluate``, trained on ``train``). saes: the SAEs by layer (default: the
+    preset's, loaded here).
     """
     view, k = start_view(cfg)
+    saes = SAEShelf(lm.preset) if saes is None else saes
     out = {}
     for layer, vector in zip(layers, vectors):
-        sae = load_sae(lm.preset, layer)
+        sae = saes[layer]
         check_sae_site(sae, lm, layer)
         result = cleanup(lm, sae, layer, vector, train, evaluate, cfg, seed)
         start = decode(sae, result.initial_weights)
@@ -73,21 +76,24 @@ def clean_vectors(lm, name: str, label: str, vectors, layers, train: PromptBatch
 
 
 def cleanup_layers(lm, prompts: TaskPrompts, layers, cfg: CleanupConfig, batch_size: int = 32,
-                   seed: int = 0) -> dict[int, dict[str, pd.DataFrame]]:
+                   seed: int = 0, saes: SAEShelf | None = None
+                   ) -> dict[int, dict[str, pd.DataFrame]]:
     """TV, its SAE encoding and the cleaned TV at each layer (notebook 04), per layer:
     "scores" (the cleaned TV's NLL is on the evaluation prompts, never trained on) and
     "features" (the non-zero weights of the SAE encoding and of the cleaned vector)."""
     vectors = task_vectors(lm, prompts.few_shot, layers, batch_size=batch_size)
     return clean_vectors(lm, prompts.task.name, TV, vectors, layers, prompts.train,
-                         prompts.zero_shot, cfg, batch_size, seed)
+                         prompts.zero_shot, cfg, batch_size, seed, saes)
 
 
 def detector_layers(lm, prompts: TaskPrompts, layers, cfg: CleanupConfig,
-                    batch_size: int = 32, seed: int = 0) -> dict[int, dict[str, pd.DataFrame]]:
+                    batch_size: int = 32, seed: int = 0, saes: SAEShelf | None = None
+                    ) -> dict[int, dict[str, pd.DataFrame]]:
     """Detector vectors (answer tokens) raw and cleaned, steered at ``Y`` (notebook 05)."""
     vectors = detector_vectors(lm, prompts.few_shot, layers, batch_size)
     return clean_vectors(lm, prompts.task.name, DETECTOR, vectors, layers,
-                         prompts.detector_train, prompts.detector_eval, cfg, batch_size, seed)
+                         prompts.detector_train, prompts.detector_eval, cfg, batch_size, seed,
+                         saes)
 
 
 def cleanup_sweep(lm, prompts: TaskPrompts, layers, cfg: CleanupConfig,
@@ -116,9 +122,11 @@ def _run_cleaning(experiment: str, layers_of, lm, tasks, layers, prompt_cfg,
     """Run ``layers_of`` (cleanup_layers or detector_layers) per (task, layer), cached."""
     prompt_cfg = prompt_cfg or prompt_config(lm)
     layers = layers_with_sae(lm, layers)
+    saes = SAEShelf(lm.preset)              # each layer's SAE loaded once for every task
     return run_per_layer(experiment, lm, tasks, layers, prompt_cfg,
                          {"cleanup": cleanup_settings(cfg)},
-                         lambda p, ls: layers_of(lm, p, ls, cfg, batch_size, prompt_cfg.seed),
+                         lambda p, ls: layers_of(lm, p, ls, cfg, batch_size, prompt_cfg.seed,
+                                                 saes),
                          refresh, baselines=baselines, baselines_part="scores",
                          batch_size=batch_size)
 

@@ -7,7 +7,7 @@ import pandas as pd
 
 from ..engine import Steering, collect_residuals, score
 from ..models import check_layers
-from ..saes import check_sae_site, load_sae
+from ..saes import SAEShelf, check_sae_site, load_sae
 from ..prompt_batch import PromptBatch
 from ..sae_views import ITO_L0, decode, encode, ito, recon_of_tv, tv_on_recon
 from ..taskvec import task_vectors
@@ -23,10 +23,11 @@ def run_sae_view_sweep(lm, tasks, layers=None, prompt_cfg: PromptConfig | None =
     """``sae_view_sweep`` for each task at every layer with an SAE (default), each
     (task, layer) cached."""
     layers = layers_with_sae(lm, layers)
+    saes = SAEShelf(lm.preset)              # each layer's SAE loaded once for every task
     return run_per_layer("sae_view_sweep", lm, tasks, layers, prompt_cfg or prompt_config(lm),
                          {"target_l0": target_l0, "subtract_b_dec": subtract_b_dec},
                          lambda p, ls: sae_view_layers(lm, p, ls, target_l0, subtract_b_dec,
-                                                       batch_size), refresh,
+                                                       batch_size, saes), refresh,
                          batch_size=batch_size)
 
 
@@ -37,14 +38,17 @@ def separator_residuals(lm, few_shot: PromptBatch, layers, batch_size: int = 32)
 
 
 def sae_view_layers(lm, prompts: TaskPrompts, layers, target_l0: int = ITO_L0,
-                    subtract_b_dec: bool = False, batch_size: int = 32
-                    ) -> dict[int, pd.DataFrame]:
-    """TV, Recon of TV, TV on recon and ITO at each layer, scored: ``{layer: rows}``."""
+                    subtract_b_dec: bool = False, batch_size: int = 32,
+                    saes: SAEShelf | None = None) -> dict[int, pd.DataFrame]:
+    """TV, Recon of TV, TV on recon and ITO at each layer, scored: ``{layer: rows}``.
+
+    saes: the SAEs by layer (default: the preset's, loaded here)."""
     name = prompts.task.name
+    saes = SAEShelf(lm.preset) if saes is None else saes
     resid = separator_residuals(lm, prompts.few_shot, layers, batch_size)   # (L, B, S, d)
     out = {}
     for layer, layer_resid in zip(layers, resid):
-        sae = load_sae(lm.preset, layer)
+        sae = saes[layer]
         check_sae_site(sae, lm, layer)
         tv = layer_resid.flatten(0, 1).nanmean(0)                            # (d,)
         views = [(RAW, None, tv), (RECON, None, recon_of_tv(sae, tv, layer)),
