@@ -1,12 +1,22 @@
 """SAEs trained here with sae-lens on recorded residuals, and how good they are.
 
-``train_sae`` fits a BatchTopK SAE (sae-lens ``SAETrainer``) on a tensor of residuals,
-shuffled with a seeded generator; sae-lens saves it as a JumpReLU SAE whose threshold is
-the one BatchTopK learned. ``save_sae`` stores it in sae-lens's folder format, its matrices in
-float16 (loaded as float32), with the site it reads written into its metadata.
-``sae_quality`` and ``loss_change`` measure what a model card reports: FVU, L0 and dead
-fraction on held-out residuals, and the change in next-token loss when the SAE's
-reconstruction replaces the residual stream.
+The one training path of every SAE built here (the embedded model's and the offline
+Gemma's): residuals (N, d) of a layer go to ``train_sae``, which fits a sae-lens
+training SAE with ``SAETrainer`` on them, shuffled with a seeded generator:
+
+- ``architecture="batchtopk"``: BatchTopK with ``k`` active features per token on
+  average; sae-lens saves it as a JumpReLU SAE whose threshold is the one BatchTopK
+  learned (the offline Gemma SAEs);
+- ``architecture="gated"``: a gated SAE with an L1 penalty (the embedded model's, the
+  architecture of the writeup authors' SAEs).
+
+``save_sae`` stores it in sae-lens's folder format, its matrices in ``save_dtype``
+(loaded as float32), with the site it reads written into its metadata.
+``text_residuals`` records what a model's SAEs train and are measured on, from text:
+the residual of every token but the special ones. ``sae_quality`` and ``loss_change``
+measure what a model card reports: FVU, L0 and dead fraction on held-out residuals,
+and the change in next-token loss when the SAE's reconstruction replaces the residual
+stream.
 """
 
 from __future__ import annotations
@@ -25,8 +35,10 @@ import torch
 class SAETrainingConfig:
     """Every setting of an SAE's training (the seed included)."""
 
+    architecture: str = "batchtopk"  # or "gated"
     width: int = 3072               # features (d_sae)
     k: float = 40.0                 # BatchTopK: mean active features per token
+    l1_coefficient: float = 4.0     # gated: the L1 penalty's weight
     lr: float = 1e-3
     threshold_lr: float = 0.05      # BatchTopK's running threshold (sae-lens default 0.01:
                                     # too slow to settle in a few hundred steps)
@@ -49,18 +61,38 @@ def residual_batches(resid: torch.Tensor, batch_tokens: int,
             yield resid[order[start:start + batch_tokens]].float()
 
 
+ARCHITECTURES = ("batchtopk", "gated")
+
+
+def _training_sae(cfg: SAETrainingConfig, d_in: int):
+    """The untrained sae-lens training SAE for ``cfg``; inputs are scaled to mean norm
+    sqrt(d) in training, the scale folded into the saved weights."""
+    from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    from sae_lens.saes.gated_sae import GatedTrainingSAE, GatedTrainingSAEConfig
+
+    if cfg.architecture == "batchtopk":
+        return BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(
+            d_in=d_in, d_sae=cfg.width, k=cfg.k, topk_threshold_lr=cfg.threshold_lr,
+            normalize_activations="expected_average_only_in"))
+    if cfg.architecture == "gated":
+        return GatedTrainingSAE(GatedTrainingSAEConfig(
+            d_in=d_in, d_sae=cfg.width, l1_coefficient=cfg.l1_coefficient,
+            normalize_activations="expected_average_only_in", apply_b_dec_to_input=True))
+    raise ValueError(f"architecture={cfg.architecture!r} is not trained here: pass one of "
+                     f"{ARCHITECTURES}")
+
+
 def train_sae(resid: torch.Tensor, hook_name: str, cfg: SAETrainingConfig, log=print):
-    """A BatchTopK SAE trained on ``resid`` (N, d); returns the inference SAE (JumpReLU)."""
+    """An SAE trained on ``resid`` (N, d); returns the inference SAE (BatchTopK is saved
+    as JumpReLU, gated stays gated)."""
     os.environ.setdefault("WANDB_MODE", "disabled")
-    from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, SAE
+    from sae_lens import SAE
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
     torch.manual_seed(cfg.seed)
     d_in = resid.shape[1]
-    sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(
-        d_in=d_in, d_sae=cfg.width, k=cfg.k, topk_threshold_lr=cfg.threshold_lr,
-        normalize_activations="expected_average_only_in"))
+    sae = _training_sae(cfg, d_in)
     sae.cfg.metadata.hook_name = hook_name
     steps = cfg.epochs * (resid.shape[0] // cfg.batch_tokens)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -111,6 +143,19 @@ def save_sae(sae, folder: Path, save_dtype: str = "float16"):
     config["dtype"] = "float32"     # computations stay float32 whatever the file holds
     write_atomic(folder / "cfg.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
     return SAE.load_from_disk(str(folder), device="cpu")
+
+
+def text_residuals(lm, ids: torch.Tensor, layers, batch_size: int = 64) -> dict[int, torch.Tensor]:
+    """{resid_pre layer: (N, d) float32}: the residual at every token of ``ids`` (B, T)
+    that is not a special token (BOS, end of text, padding), in row-major order."""
+    from .engine import collect_residuals
+
+    special = torch.tensor(sorted(lm.tokenizer.all_special_ids))
+    keep = ~torch.isin(ids, special)                                    # (B, T)
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    resid = collect_residuals(lm, {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                              list(layers), positions, batch_size)     # (L, B, T, d)
+    return {layer: resid[i][keep] for i, layer in enumerate(layers)}
 
 
 @torch.no_grad()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,17 +22,18 @@ import pandas as pd
 import torch
 
 from ..cache import write_atomic
-from ..engine import Steering, collect_residuals, score
+from ..engine import Steering, score
+from ..experiments.schema import ICL, RAW, TV, ZERO_SHOT, score_row
 from ..models import load_model
-from ..presets import get_preset
 from ..saes import check_sae_site, load_sae
 from ..paths import TOY_DIR
 from ..prompt_batch import tokenize_prompts
 from ..prompts import few_shot_prompts, zero_shot_prompts
+from ..sae_training import sae_quality, text_residuals
 from ..taskvec import task_vectors
 from ..tasks import Task
 from .data import ToyConfig, generate_documents, split_pairs, toy_tasks
-from .training import pack
+from .training import pack, toy_preset
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,8 @@ def first_token_ids(tokenizer, outputs) -> torch.Tensor:
 
 
 def measure_tasks(lm, cfg: CardConfig, toy_cfg: ToyConfig) -> pd.DataFrame:
-    """Tidy rows (task, method, split, layer) with accuracy, NLL and subset accuracies.
+    """Score rows in the experiments' schema (``experiments.schema``: task, vector, view,
+    layer, nll, accuracy, n_prompts, ...) with a ``split`` and subset accuracies.
 
     Splits: "heldout" (pairs seen in training only as facts, or not at all) and
     "seen" (pairs seen as ``x -> y`` in training, but not among the pairs the
@@ -80,23 +81,22 @@ def measure_tasks(lm, cfg: CardConfig, toy_cfg: ToyConfig) -> pd.DataFrame:
         vectors = task_vectors(lm, few, layers)                             # (L, d)
         icl = score(lm, tokenize_prompts(tok, few_shot_prompts(
             task, len(heldout), cfg.n_shots, cfg.seed, queries=heldout, demo_pool=icl_pairs)))
-        rows.append(_row(name, "ICL", "heldout", None, icl))
+        rows.append(_row(name, ICL, "heldout", None, icl))
         allowed = first_token_ids(tok, task.outputs)
         for split, pairs in (("heldout", heldout), ("seen", seen)):
             batch = tokenize_prompts(tok, zero_shot_prompts(pairs))
             is_shared = torch.tensor([x in shared for x, _ in pairs])
             zero = score(lm, batch, keep_logits=True)
-            rows.append(_row(name, "zero-shot", split, None, zero, is_shared,
+            rows.append(_row(name, ZERO_SHOT, split, None, zero, is_shared,
                              vocab_filtered_accuracy=zero.filtered_accuracy(allowed)))
             for layer, vector in zip(layers, vectors):
-                rows.append(_row(name, "TV", split, layer,
+                rows.append(_row(name, RAW, split, layer,
                                  score(lm, batch, Steering(layer, vector)), is_shared))
     return pd.DataFrame(rows)
 
 
-def _row(task, method, split, layer, scores, is_shared=None, **extra) -> dict:
-    row = {"task": task, "method": method, "split": split, "layer": layer,
-           "accuracy": scores.accuracy(), "nll": scores.mean_nll(), "n": len(scores.nll)}
+def _row(task, view, split, layer, scores, is_shared=None, **extra) -> dict:
+    row = score_row(task, TV if view == RAW else None, view, layer, scores, split=split)
     if is_shared is not None:
         row["n_shared"] = int(is_shared.sum())
         row["shared_accuracy"] = _subset_accuracy(scores, is_shared)
@@ -113,24 +113,14 @@ def measure_saes(lm, cfg: CardConfig, toy_cfg: ToyConfig, preset=None) -> list:
     preset = lm.preset if preset is None else preset
     docs = generate_documents(toy_cfg, cfg.sae_eval_documents, cfg.sae_eval_seed)
     ids = pack(lm.tokenizer, docs, toy_cfg.context)                    # (N, T)
-    positions = torch.arange(ids.shape[1]).expand_as(ids)
-    resid = collect_residuals(lm, {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
-                              toy_cfg.sae_layers, positions)            # (L, N, T, d)
-    keep = ids != lm.tokenizer.bos_token_id                              # SAEs skip BOS
+    resid = text_residuals(lm, ids, toy_cfg.sae_layers)                # {layer: (n, d)}
     out = []
-    for i, layer in enumerate(toy_cfg.sae_layers):
-        sae = load_sae(preset, layer)
+    for layer in toy_cfg.sae_layers:
+        sae = load_sae(preset, layer, device="cpu")
         check_sae_site(sae, lm, layer)
-        x = resid[i][keep]                                             # (n_tokens, d)
-        with torch.no_grad():
-            f = sae.encode(x)
-            x_hat = sae.decode(f)
-        fvu = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
         out.append({"layer": layer, "site": "resid_pre", "d_sae": sae.cfg.d_sae,
-                    "architecture": sae.cfg.architecture(), "fvu": fvu.item(),
-                    "l0": (f > 0).sum(-1).float().mean().item(),
-                    "dead_fraction": ((f > 0).sum(0) == 0).float().mean().item(),
-                    "n_tokens": int(x.shape[0])})
+                    "architecture": sae.cfg.architecture(),
+                    **sae_quality(sae, resid[layer])})
     return out
 
 
@@ -146,37 +136,37 @@ def task_family(name: str) -> str:
 
 def summarise(tasks: pd.DataFrame) -> dict:
     """Headline numbers, pooled over tasks (each task weighted by its prompt count)."""
-    def pick(method, split):
-        return tasks[(tasks.method == method) & (tasks.split == split)]
+    def pick(view, split):
+        return tasks[(tasks.view == view) & (tasks.split == split)]
 
     def by_layer(split):
-        return {int(layer): {"accuracy": _weighted(g, "accuracy", "n"),
-                             "nll": _weighted(g, "nll", "n"),
+        return {int(layer): {"accuracy": _weighted(g, "accuracy", "n_prompts"),
+                             "nll": _weighted(g, "nll", "n_prompts"),
                              "shared_accuracy": _weighted(g, "shared_accuracy", "n_shared")}
-                for layer, g in pick("TV", split).groupby("layer")}
+                for layer, g in pick(RAW, split).groupby("layer")}
 
-    icl = pick("ICL", "heldout")
+    icl = pick(ICL, "heldout")
     family = icl.task.map(task_family)
-    icl_by_family = {name: _weighted(icl[family == name], "accuracy", "n")
+    icl_by_family = {name: _weighted(icl[family == name], "accuracy", "n_prompts")
                      for name in dict.fromkeys(family)}
     seen, heldout = by_layer("seen"), by_layer("heldout")
     best = max(seen, key=lambda layer: seen[layer]["shared_accuracy"])
-    zero_seen, zero_heldout = pick("zero-shot", "seen"), pick("zero-shot", "heldout")
+    zero_seen, zero_heldout = pick(ZERO_SHOT, "seen"), pick(ZERO_SHOT, "heldout")
     return {
-        "icl_heldout_accuracy": _weighted(icl, "accuracy", "n"),
+        "icl_heldout_accuracy": _weighted(icl, "accuracy", "n_prompts"),
         "icl_heldout_accuracy_by_family": icl_by_family,
-        "zero_shot_heldout_accuracy": _weighted(zero_heldout, "accuracy", "n"),
-        "zero_shot_seen_accuracy": _weighted(zero_seen, "accuracy", "n"),
+        "zero_shot_heldout_accuracy": _weighted(zero_heldout, "accuracy", "n_prompts"),
+        "zero_shot_seen_accuracy": _weighted(zero_seen, "accuracy", "n_prompts"),
         "zero_shot_seen_vocab_filtered_accuracy":
-            _weighted(zero_seen, "vocab_filtered_accuracy", "n"),
+            _weighted(zero_seen, "vocab_filtered_accuracy", "n_prompts"),
         "zero_shot_seen_shared_accuracy": _weighted(zero_seen, "shared_accuracy", "n_shared"),
         "zero_shot_heldout_shared_accuracy":
             _weighted(zero_heldout, "shared_accuracy", "n_shared"),
         "best_layer": best,
         "tv_seen_by_layer": seen,
         "tv_heldout_by_layer": heldout,
-        "n_heldout_prompts": int(zero_heldout.n.sum()),
-        "n_seen_prompts": int(zero_seen.n.sum()),
+        "n_heldout_prompts": int(zero_heldout.n_prompts.sum()),
+        "n_seen_prompts": int(zero_seen.n_prompts.sum()),
         "n_seen_shared_prompts": int(zero_seen.n_shared.sum()),
     }
 
@@ -184,8 +174,7 @@ def summarise(tasks: pd.DataFrame) -> dict:
 def write_model_card(root: Path = TOY_DIR, cfg: CardConfig = CardConfig()) -> dict:
     """Measure the model and SAEs under ``root``; write card.json and MODEL_CARD.md."""
     root = Path(root)
-    preset = dataclasses.replace(get_preset("toy"), model_id=str(root / "model"),
-                                 sae_dir=str(root / "saes"))
+    preset = toy_preset(root)
     training = json.loads((root / "training.json").read_text())
     toy_cfg = ToyConfig(**{k: tuple(v) if isinstance(v, list) else v
                            for k, v in training["config"].items()})
@@ -212,7 +201,9 @@ def render_card(card: dict, tasks: pd.DataFrame) -> str:
         "A small Llama-architecture decoder (rotary positions, module paths `model.layers[L]`",
         "as in Gemma) with a word-level tokenizer, trained from scratch on few-shot sequences",
         "of the project's tasks and on fact sentences, plus one gated SAE per layer at",
-        "resid_pre, trained with sae-lens. Written by `python -m tvlib.toy card`; every number",
+        "resid_pre, trained with sae-lens on recorded residuals (`tvlib.sae_training`, the",
+        "training path of the offline Gemma SAEs too). Written by `python -m tvlib.toy card`;",
+        "every number",
         "below is measured from the files in this folder (`card.json`, `card_tasks.csv`).",
         "",
         "## Training",
@@ -231,9 +222,12 @@ def render_card(card: dict, tasks: pd.DataFrame) -> str:
         f"- Time on 2 CPU cores: model {t['model']['seconds'] / 60:.1f} min, SAEs "
         f"{sae_time / 60:.1f} min.",
         f"- SAEs: {c['sae_architecture']}, {c['sae_expansion']}x expansion, L1 coefficient "
-        f"{c['sae_l1_coefficient']:g}, {c['sae_train_tokens']:,} tokens each; inputs scaled to "
-        f"norm sqrt(d) in training ({c['sae_normalize']}), the scale folded into the saved "
-        "weights, so they read and write raw residuals.",
+        f"{c['sae_l1_coefficient']:g}; {c['sae_epochs']} epoch(s) over the residuals of "
+        f"{c['sae_train_tokens']:,} fresh tokens of the training mix (special tokens left "
+        f"out), batches of {c['sae_batch_tokens']}, lr {c['sae_lr']} (cosine to a tenth), "
+        f"seed {c['seed'] + c['sae_seed_offset']} + layer. Inputs are scaled to mean norm "
+        "sqrt(d) in training, the scale folded into the saved weights, so they read and "
+        "write raw residuals.",
         "",
         "## In-context learning and task vectors",
         "",
@@ -279,18 +273,18 @@ def render_card(card: dict, tasks: pd.DataFrame) -> str:
               "vocab-filtered zero-shot seen | TV seen |",
               "|---|---|---|---|---|---|---|"]
     for name, g in tasks.groupby("task", sort=False):
-        def acc(method, split, layer=None, column="accuracy"):
-            rows = g[(g.method == method) & (g.split == split)]
+        def acc(view, split, layer=None, column="accuracy"):
+            rows = g[(g.view == view) & (g.split == split)]
             if layer is not None:
                 rows = rows[rows.layer == layer]
             return f"{rows[column].iloc[0]:.2f}"
-        lines.append(f"| {name} | {acc('ICL', 'heldout')} | {acc('zero-shot', 'heldout')} | "
-                     f"{acc('TV', 'heldout', best)} | {acc('zero-shot', 'seen')} | "
-                     f"{acc('zero-shot', 'seen', column='vocab_filtered_accuracy')} | "
-                     f"{acc('TV', 'seen', best)} |")
+        lines.append(f"| {name} | {acc(ICL, 'heldout')} | {acc(ZERO_SHOT, 'heldout')} | "
+                     f"{acc(RAW, 'heldout', best)} | {acc(ZERO_SHOT, 'seen')} | "
+                     f"{acc(ZERO_SHOT, 'seen', column='vocab_filtered_accuracy')} | "
+                     f"{acc(RAW, 'seen', best)} |")
     lines += ["", "## SAEs", "",
               f"Measured on {card['saes'][0]['n_tokens']:,} fresh tokens of the training mix "
-              "(BOS excluded).", "",
+              "(special tokens excluded).", "",
               "| layer | site | architecture | width | FVU | L0 | dead fraction |",
               "|---|---|---|---|---|---|---|"]
     for r in card["saes"]:

@@ -68,13 +68,14 @@ class ToyConfig:
     format_weights: tuple[tuple[str, float], ...] = (("authors", 0.6), ("hendel", 0.2),
                                                      ("todd", 0.2))
     facts_per_document: int = 6
-    # SAEs (sae-lens), one per layer at resid_pre
+    # SAEs, one per layer at resid_pre (tvlib.sae_training, as the offline Gemma's)
     sae_architecture: str = "gated"
     sae_expansion: int = 8
     sae_l1_coefficient: float = 4.0
-    sae_normalize: str = "expected_average_only_in"   # inputs scaled to norm sqrt(d) in training
     sae_lr: float = 1e-3
-    sae_train_tokens: int = 500_000
+    sae_train_tokens: int = 500_000     # fresh tokens recorded (special tokens left out)
+    sae_batch_tokens: int = 2048
+    sae_epochs: int = 2
     sae_seed_offset: int = 1000         # SAE data uses seed + this, unseen by the model
     corpus_seed_offset: int = 3000      # the shipped feature-reading corpus
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -13,7 +14,10 @@ from pathlib import Path
 
 import torch
 
+from ..models import load_model
 from ..paths import TOY_DIR
+from ..presets import get_preset
+from ..sae_training import SAETrainingConfig, save_sae, text_residuals, train_sae
 from .data import ToyConfig, generate_documents, write_corpus
 from .tokenizer import build_tokenizer, vocabulary_texts
 
@@ -87,66 +91,50 @@ def train_model(cfg: ToyConfig, out_dir: Path, log=print) -> dict:
 
 # ---------------------------------------------------------------- SAEs
 
-def resid_pre_hook_name(layer: int) -> str:
-    """The HF module whose *output* is resid_pre ``layer`` (sae-lens hooks outputs)."""
-    return "model.embed_tokens" if layer == 0 else f"model.layers.{layer - 1}"
+def sae_training_config(cfg: ToyConfig, layer: int) -> SAETrainingConfig:
+    """The training settings of the SAE at resid_pre ``layer`` (seed: base + layer)."""
+    return SAETrainingConfig(
+        architecture=cfg.sae_architecture, width=cfg.d_model * cfg.sae_expansion,
+        l1_coefficient=cfg.sae_l1_coefficient, lr=cfg.sae_lr, batch_tokens=cfg.sae_batch_tokens,
+        epochs=cfg.sae_epochs, seed=cfg.seed + cfg.sae_seed_offset + layer,
+        save_dtype="float32")
 
 
-def train_saes(cfg: ToyConfig, model_dir: Path, out_dir: Path, log=print,
-               layers=None) -> dict:
-    """One sae-lens SAE per layer at resid_pre, on fresh text from the training mix."""
-    os.environ.setdefault("WANDB_MODE", "disabled")
-    import datasets
-    from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
-    from sae_lens.config import LoggingConfig
-    from sae_lens.saes.gated_sae import GatedTrainingSAEConfig
-    from sae_lens.saes.standard_sae import StandardTrainingSAEConfig
-    from transformers import AutoTokenizer
-
-    sae_config_class = {"gated": GatedTrainingSAEConfig,
-                        "standard": StandardTrainingSAEConfig}[cfg.sae_architecture]
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    seed = cfg.seed + cfg.sae_seed_offset
-    docs = generate_documents(cfg, int(1.3 * cfg.sae_train_tokens) // 40, seed)
+def fresh_text(cfg: ToyConfig, tokenizer, n_tokens: int, seed: int) -> torch.Tensor:
+    """(n_tokens // context, context) packed ids of new documents from the training mix."""
+    docs = generate_documents(cfg, int(1.3 * n_tokens) // 40, seed)  # ~40 tokens a document
     rows = pack(tokenizer, docs, cfg.context)
-    dataset = datasets.Dataset.from_dict({"input_ids": rows.tolist()})
+    if rows.numel() < n_tokens - cfg.context:
+        raise ValueError(f"{rows.numel()} tokens of documents are fewer than the {n_tokens} "
+                         "asked for")
+    return rows[: n_tokens // cfg.context]
+
+
+def toy_preset(root: Path):
+    """The toy preset reading the model and SAEs under ``root`` (a scratch or shipped folder)."""
+    return dataclasses.replace(get_preset("toy"), model_id=str(root / "model"),
+                               sae_dir=str(root / "saes"))
+
+
+def train_saes(cfg: ToyConfig, root: Path, log=print, layers=None) -> dict:
+    """One SAE per layer at resid_pre of the model in ``root/model``, into ``root/saes``,
+    trained on the residuals of fresh text from the training mix (tvlib.sae_training)."""
+    lm = load_model(toy_preset(root), device="cpu")
+    layers = list(cfg.sae_layers if layers is None else layers)
+    ids = fresh_text(cfg, lm.tokenizer, cfg.sae_train_tokens, cfg.seed + cfg.sae_seed_offset)
+    resid = text_residuals(lm, ids, layers)                     # {layer: (N, d)}
     stats = {}
-    for layer in cfg.sae_layers if layers is None else layers:
+    for layer in layers:
         start = time.time()
-        torch.manual_seed(seed + layer)
-        runner_cfg = LanguageModelSAERunnerConfig(
-            sae=sae_config_class(d_in=cfg.d_model, d_sae=cfg.d_model * cfg.sae_expansion,
-                                 l1_coefficient=cfg.sae_l1_coefficient,
-                                 normalize_activations=cfg.sae_normalize,
-                                 apply_b_dec_to_input=True),
-            model_name=str(model_dir), model_class_name="AutoModelForCausalLM",
-            hook_name=resid_pre_hook_name(layer), dataset_path="local",
-            is_dataset_tokenized=True, streaming=False, context_size=cfg.context,
-            prepend_bos=False, exclude_special_tokens=True,
-            training_tokens=cfg.sae_train_tokens, train_batch_size_tokens=2048,
-            n_batches_in_buffer=16, store_batch_size_prompts=16, lr=cfg.sae_lr,
-            lr_warm_up_steps=50, n_eval_batches=2, seed=seed + layer, device="cpu",
-            n_batches_for_norm_estimate=20,
-            logger=LoggingConfig(log_to_wandb=False), output_path=None,
-            checkpoint_path=None, n_checkpoints=0, verbose=False)
-        runner = LanguageModelSAETrainingRunner(runner_cfg, override_dataset=dataset)
-        sae = runner.run()
-        layer_dir = out_dir / f"layer_{layer}"
-        sae.save_inference_model(str(layer_dir))
-        _record_site(layer_dir, layer)
-        stats[layer] = {"seconds": round(time.time() - start, 1)}
+        training = sae_training_config(cfg, layer)
+        sae = train_sae(resid[layer], f"model.layers.{layer}.input", training, log=log)
+        meta = sae.cfg.metadata             # the site, also as fields, as the card reports it
+        meta.model_name, meta.site, meta.layer = "toy", "resid_pre", layer
+        save_sae(sae, root / "saes" / f"layer_{layer}", training.save_dtype)
+        stats[layer] = {"seconds": round(time.time() - start, 1), "seed": training.seed,
+                        "train_tokens": int(resid[layer].shape[0])}
         log(f"SAE layer {layer}: {stats[layer]['seconds']}s")
     return stats
-
-
-def _record_site(sae_dir: Path, layer: int) -> None:
-    """Write the site the SAE reads into its cfg.json metadata (layer, resid_pre)."""
-    path = sae_dir / "cfg.json"
-    cfg = json.loads(path.read_text())
-    meta = cfg.setdefault("metadata", {})
-    meta.update({"hook_name": f"model.layers.{layer}.input", "site": "resid_pre",
-                 "layer": layer, "model_name": "toy"})
-    path.write_text(json.dumps(cfg, indent=2))
 
 
 # ---------------------------------------------------------------- all of it
@@ -168,7 +156,7 @@ def train_all(cfg: ToyConfig, out_dir: Path = TOY_DIR, skip_model: bool = False)
             model_stats = json.loads((out_dir / "training.json").read_text())["model"]
         else:
             model_stats = train_model(cfg, scratch / "model", log)
-        sae_stats = train_saes(cfg, scratch / "model", scratch / "saes", log)
+        sae_stats = train_saes(cfg, scratch, log)
         write_corpus(cfg, scratch / "corpus.json")
         record = {"config": asdict(cfg), "model": model_stats, "saes": sae_stats,
                   "total_seconds": round(time.time() - start, 1),
