@@ -19,14 +19,21 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
-# Run every notebook top to bottom on the embedded model; each writes its figure to figures/.
-figures: $(VENV)/.installed
-	@mkdir -p $(EXECUTED)
+# $(call run_notebooks,OUTPUT FOLDER,PAPERMILL OPTIONS,ENVIRONMENT): every notebook top to
+# bottom, each executed copy in OUTPUT FOLDER; $$name is the notebook's name in the options.
+define run_notebooks
+	@mkdir -p $(1)
 	@for nb in $(NOTEBOOKS); do \
-		echo "== $$nb"; start=$$(date +%s); \
-		$(PY) -m papermill --no-progress-bar -k python3 $$nb $(EXECUTED)/$$(basename $$nb) || exit 1; \
+		name=$$(basename $$nb .ipynb); echo "== $$nb"; start=$$(date +%s); \
+		$(3) $(PY) -m papermill --no-progress-bar -k python3 $(2) $$nb $(1)/$$name.ipynb \
+			|| exit 1; \
 		echo "   $$(( $$(date +%s) - start ))s"; \
 	done
+endef
+
+# Run every notebook top to bottom on the embedded model; each writes its figure to figures/.
+figures: $(VENV)/.installed
+	$(call run_notebooks,$(EXECUTED))
 
 # The real-model set: every notebook on Gemma 3 270M offline (converted from its PyPI
 # package on first use), figures in figures/gemma-3-270m/. SETTINGS=cpu (default) applies
@@ -34,14 +41,10 @@ figures: $(VENV)/.installed
 REAL_PRESET := gemma-3-270m-offline
 SETTINGS ?= cpu
 figures-gemma-3-270m: $(VENV)/.installed
-	@mkdir -p $(EXECUTED)/gemma-3-270m
-	@for nb in $(NOTEBOOKS); do \
-		name=$$(basename $$nb .ipynb); echo "== $$nb ($(SETTINGS) settings)"; start=$$(date +%s); \
-		TVLIB_FIGURES_DIR=$(CURDIR)/figures/gemma-3-270m $(PY) -m papermill --no-progress-bar \
-			-k python3 -p PRESET $(REAL_PRESET) -f notebooks/settings/gemma-3-270m-$(SETTINGS)/$$name.yaml \
-			$$nb $(EXECUTED)/gemma-3-270m/$$name.ipynb || exit 1; \
-		echo "   $$(( $$(date +%s) - start ))s"; \
-	done
+	@echo "Gemma 3 270M, $(SETTINGS) settings"
+	$(call run_notebooks,$(EXECUTED)/gemma-3-270m,-p PRESET $(REAL_PRESET) \
+		-f notebooks/settings/gemma-3-270m-$(SETTINGS)/$$name.yaml,\
+		TVLIB_FIGURES_DIR=$(CURDIR)/figures/gemma-3-270m)
 
 # Rebuild the offline Gemma 3 270M SAEs, corpus and model card in data/gemma-3-270m.
 gemma-3-270m-saes: $(VENV)/.installed
