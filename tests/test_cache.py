@@ -273,3 +273,21 @@ def test_a_sweep_loads_each_layers_sae_once_for_all_tasks(toy_lm, tmp_path, monk
     table = run_sae_view_sweep(toy_lm, ["antonyms", "en_fr"], [2, 4], cfg)
     assert set(table.task) == {"antonyms", "en_fr"}
     assert sorted(loads) == [2, 4]                       # not once per task
+
+
+def test_the_shelf_keeps_saes_up_to_its_byte_budget(monkeypatch):
+    import tvlib.saes as saes
+    loads = []
+    load_sae = saes.load_sae
+
+    def counted(preset, layer, device=None):
+        loads.append(layer)
+        return load_sae(preset, layer, device)
+
+    monkeypatch.setattr(saes, "load_sae", counted)
+    one = sum(t.numel() * t.element_size() for t in load_sae("toy", 2).state_dict().values())
+    roomy, tight = saes.SAEShelf("toy", "cpu"), saes.SAEShelf("toy", "cpu", max_bytes=one)
+    for shelf in (roomy, tight):
+        for layer in (2, 4, 2, 4):
+            assert shelf[layer].cfg.metadata.layer == layer
+    assert loads == [2, 4] + [2, 4, 2, 4]           # the tight shelf holds one SAE at a time

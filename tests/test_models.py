@@ -59,6 +59,7 @@ def test_toy_saes_load_offline_and_fit(toy_lm):
         check_sae_fits(sae, toy_lm)
         assert sae.cfg.metadata.site == "resid_pre" and sae.cfg.metadata.layer == layer
         assert sae.cfg.architecture() == "gated"
+        assert not any(p.requires_grad for p in sae.parameters())   # frozen: never trained
         x = torch.randn(3, sae.cfg.d_in)
         assert sae.decode(sae.encode(x)).shape == x.shape
 
@@ -68,6 +69,10 @@ def test_sae_errors(toy_lm):
         load_sae("toy", 9)
     with pytest.raises(ValueError, match="no SAE reading resid_pre 2.*1, 7, 11, 13"):
         load_sae("gemma-2b", 2)
+    import dataclasses
+    misnamed = dataclasses.replace(get_preset("gpt2"), sae_id="no-such-sae.{layer}")
+    with pytest.raises(ValueError, match="has no SAE 'no-such-sae.3' in the installed catalogue"):
+        load_sae(misnamed, 3, device="cpu")               # before any hub access
     sae = load_sae("toy", 0)
     sae.cfg.d_in = 64
     with pytest.raises(ValueError, match="SAE input width 64 does not match"):

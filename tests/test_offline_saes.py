@@ -122,6 +122,25 @@ def test_trained_sae_learns_and_round_trips_through_its_folder(tmp_path, toy_lm)
     assert torch.equal(again.W_dec, sae.W_dec)                     # seeded
 
 
+def test_gated_training_and_unknown_architectures(toy_lm):
+    from tvlib.sae_training import text_residuals
+    ids = torch.tensor([[toy_lm.tokenizer.bos_token_id] + list(range(10, 40))] * 8)
+    resid = text_residuals(toy_lm, ids, [3])[3]
+    assert resid.shape == (8 * 30, 128)                            # BOS left out
+    hidden = toy_lm._module(ids, output_hidden_states=True).hidden_states[3][:, 1:]
+    torch.testing.assert_close(resid, hidden.reshape(-1, 128))    # row-major order
+    cfg = SAETrainingConfig(architecture="gated", width=256, l1_coefficient=1.0, lr=3e-3,
+                            batch_tokens=60, epochs=3, seed=1, save_dtype="float32")
+    sae = train_sae(resid, "model.layers.3.input", cfg, log=lambda _: None)
+    assert sae.cfg.architecture() == "gated"
+    assert sae_quality(sae, resid)["fvu"] < 1.0
+    with pytest.raises(ValueError, match="architecture='topk' is not trained here"):
+        train_sae(resid, "model.layers.3.input",
+                  SAETrainingConfig(architecture="topk"), log=lambda _: None)
+    with pytest.raises(ValueError, match="offline SAEs and their card are BatchTopK"):
+        build("gemma-3-270m-offline", BuildConfig(training=cfg))
+
+
 def test_build_writes_saes_corpus_and_card_beside_the_preset(tmp_path):
     folder = tmp_path / "standin"
     preset = make_standin("gemma-3-270m-offline", folder)

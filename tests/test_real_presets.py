@@ -243,7 +243,7 @@ def test_the_hub_is_asked_again_after_a_minute(monkeypatch):
     monkeypatch.setattr(hub_utils, "get_session", lambda: Down())
     monkeypatch.setattr(hub, "_reachable", {})
     now = [1000.0]
-    monkeypatch.setattr(hub.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(hub, "_now", lambda: now[0])
     assert not hub.hub_reachable() and not hub.hub_reachable()
     assert len(calls) == 1                                      # one request per minute
     now[0] += hub.REACHABLE_TTL_S + 1

@@ -27,6 +27,10 @@ def hub_cache_dir() -> str:
     return constants.HF_HUB_CACHE
 
 
+def _now() -> float:
+    return time.monotonic()
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the hub's endpoint answers one request (the answer is kept for a minute).
 
@@ -38,14 +42,14 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     if constants.HF_HUB_OFFLINE:
         return False
     asked = _reachable.get(constants.ENDPOINT)
-    if asked is not None and time.monotonic() - asked[0] < REACHABLE_TTL_S:
+    if asked is not None and _now() - asked[0] < REACHABLE_TTL_S:
         return asked[1]
     try:
         get_session().head(constants.ENDPOINT, timeout=timeout)
         answer = True
     except Exception:   # any failure to connect means "not reachable"
         answer = False
-    _reachable[constants.ENDPOINT] = (time.monotonic(), answer)
+    _reachable[constants.ENDPOINT] = (_now(), answer)
     return answer
 
 
@@ -96,10 +100,10 @@ def hub_files(repo_id: str, what: str, path_in_repo: str = "config.json",
         with offline_mode():
             yield
     else:
-        raise unavailable(repo_id, what, repo_type, include)
+        raise unavailable_error(repo_id, what, repo_type, include)
 
 
-def unavailable(repo_id: str, what: str, repo_type: str = "model",
+def unavailable_error(repo_id: str, what: str, repo_type: str = "model",
                 include: str | None = None) -> HubUnavailableError:
     """The error for files neither cached nor downloadable, with how to get them."""
     gated = "google/gemma" in repo_id
@@ -124,7 +128,7 @@ def download_first_folder(repo_id: str, pattern: str) -> Path:
     if not hub_reachable():
         if is_cached(repo_id, f"{pattern}/*.safetensors"):
             return cached_snapshot(repo_id)
-        raise unavailable(repo_id, "SAE repository", include=f"{pattern}/*")
+        raise unavailable_error(repo_id, "SAE repository", include=f"{pattern}/*")
     from fnmatch import fnmatch
 
     from huggingface_hub import list_repo_files, snapshot_download

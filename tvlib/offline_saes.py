@@ -69,6 +69,10 @@ def build(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = BuildCon
     if preset.sae_dir is None or preset.sae_site != "resid_post":
         raise ValueError(f"preset {preset.name!r} does not read resid_post SAEs from a local "
                          "folder: only such presets are built here")
+    if cfg.training.architecture != "batchtopk":
+        raise ValueError(f"architecture={cfg.training.architecture!r}: the offline SAEs and "
+                         "their card are BatchTopK; pass SAETrainingConfig(architecture="
+                         "'batchtopk')")
     out_dir = Path(out_dir) if out_dir is not None else Path(preset.sae_dir).parent
     layers = preset.resid_pre_layers_with_sae()
     generation = dataclasses.replace(cfg.generation, layers=layers)

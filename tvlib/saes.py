@@ -68,20 +68,30 @@ def load_sae(preset: str | Preset, layer: int, device: str | None = None):
             f"{preset.name!r} lists it for resid_pre {layer} ({preset.sae_site} block "
             f"{layer - (preset.sae_site == 'resid_post')}): check the preset's sae_site, "
             "sae_layers and sae_id, or replace the SAE folder with the right one")
-    return sae.eval()
+    return sae.eval().requires_grad_(False)   # never trained here; gradients go to weights
 
 
 class SAEShelf:
     """A preset's SAEs by resid_pre layer, each loaded (by ``load_sae``, with its checks) on
-    first use and kept: a sweep over tasks loads each layer's SAE once."""
+    first use and kept: a sweep over tasks loads each layer's SAE once.
 
-    def __init__(self, preset: str | Preset, device: str | None = None):
-        self.preset, self.device = get_preset(preset), device
-        self._loaded: dict[int, object] = {}
+    At most ``max_bytes`` of SAE weights are kept (default 4 GB: every layer of the embedded
+    and the Gemma 3 270M SAEs, about 13 of Gemma 2 2B's); beyond it the SAE loaded first
+    is dropped, and loaded again if asked for.
+    """
+
+    def __init__(self, preset: str | Preset, device: str | None = None,
+                 max_bytes: int = 4 * 2 ** 30):
+        self.preset, self.device, self.max_bytes = get_preset(preset), device, max_bytes
+        self._loaded: dict[int, object] = {}      # in load order
 
     def __getitem__(self, layer: int):
         if layer not in self._loaded:
-            self._loaded[layer] = load_sae(self.preset, layer, self.device)
+            sae = load_sae(self.preset, layer, self.device)
+            size = sum(t.numel() * t.element_size() for t in sae.state_dict().values())
+            while self._loaded and size * (len(self._loaded) + 1) > self.max_bytes:
+                del self._loaded[next(iter(self._loaded))]
+            self._loaded[layer] = sae
         return self._loaded[layer]
 
 
@@ -140,28 +150,31 @@ def check_sae_site(sae, lm, layer: int) -> None:
             f"{layer}: load the SAE for this layer with tvlib.saes.load_sae(preset, {layer})")
 
 
-def _release_files(release: str, sae_id: str):
-    """``hub_files`` for one SAE of a sae-lens release: its folder in the release's repository."""
+def _release_entry(release: str, sae_id: str) -> tuple[str, str]:
+    """(repository, folder in it) of one SAE of a sae-lens release, from sae-lens's catalogue."""
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
     lookup = get_pretrained_saes_directory().get(release)
     if lookup is None or sae_id not in lookup.saes_map:
         raise ValueError(f"sae-lens release {release!r} has no SAE {sae_id!r} in the installed "
                          "catalogue; check the preset's sae_release and sae_id")
-    folder = lookup.saes_map[sae_id]
-    return hub_files(lookup.repo_id, f"SAE {sae_id!r} of sae-lens release {release!r}, in "
+    return lookup.repo_id, lookup.saes_map[sae_id]
+
+
+def _release_files(release: str, sae_id: str):
+    """``hub_files`` for one SAE of a sae-lens release: its folder in the release's repository."""
+    repo_id, folder = _release_entry(release, sae_id)
+    return hub_files(repo_id, f"SAE {sae_id!r} of sae-lens release {release!r}, in "
                      "repository", f"{folder}/*", include=f"{folder}/*")
 
 
 def _release_folder(release: str, sae_id: str) -> Path:
     """The local folder of one SAE of a sae-lens release (downloaded if not cached)."""
     from huggingface_hub import constants, snapshot_download
-    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
-    lookup = get_pretrained_saes_directory()[release]
-    folder = lookup.saes_map[sae_id]
+    repo_id, folder = _release_entry(release, sae_id)
     with _release_files(release, sae_id):
-        root = snapshot_download(lookup.repo_id, allow_patterns=[f"{folder}/*"],
+        root = snapshot_download(repo_id, allow_patterns=[f"{folder}/*"],
                                  local_files_only=constants.HF_HUB_OFFLINE)
     return Path(root) / folder
 
