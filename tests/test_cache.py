@@ -258,36 +258,36 @@ def test_sweeps_cache_each_task_and_layer_and_share_the_baselines(toy_lm, tmp_pa
                                   check_exact=False, rtol=1e-6)
 
 
-def test_a_sweep_loads_each_layers_sae_once_for_all_tasks(toy_lm, tmp_path, monkeypatch):
+@pytest.fixture
+def sae_loads(monkeypatch) -> list:
+    """The layers ``tvlib.saes.load_sae`` is called for, in order."""
     import tvlib.saes as saes
-    monkeypatch.setattr("tvlib.cache.CACHE_DIR", tmp_path / "cache")
-    loads = []
-    load_sae = saes.load_sae
+    loads, load_sae = [], saes.load_sae
 
     def counted(preset, layer, device=None):
         loads.append(layer)
         return load_sae(preset, layer, device)
 
     monkeypatch.setattr(saes, "load_sae", counted)
+    return loads
+
+
+def test_a_sweep_loads_each_layers_sae_once_for_all_tasks(toy_lm, tmp_path, monkeypatch,
+                                                         sae_loads):
+    monkeypatch.setattr("tvlib.cache.CACHE_DIR", tmp_path / "cache")
     cfg = PromptConfig(n_prompts=4, n_shots=4, n_eval=6, n_train=6)
     table = run_sae_view_sweep(toy_lm, ["antonyms", "en_fr"], [2, 4], cfg)
     assert set(table.task) == {"antonyms", "en_fr"}
-    assert sorted(loads) == [2, 4]                       # not once per task
+    assert sorted(sae_loads) == [2, 4]                   # not once per task
 
 
-def test_the_shelf_keeps_saes_up_to_its_byte_budget(monkeypatch):
-    import tvlib.saes as saes
-    loads = []
-    load_sae = saes.load_sae
-
-    def counted(preset, layer, device=None):
-        loads.append(layer)
-        return load_sae(preset, layer, device)
-
-    monkeypatch.setattr(saes, "load_sae", counted)
-    one = sum(t.numel() * t.element_size() for t in load_sae("toy", 2).state_dict().values())
-    roomy, tight = saes.SAEShelf("toy", "cpu"), saes.SAEShelf("toy", "cpu", max_bytes=one)
+def test_the_shelf_keeps_saes_up_to_its_byte_budget(sae_loads):
+    from tvlib.saes import SAEShelf
+    one = sum(t.numel() * t.element_size()
+              for t in SAEShelf("toy", "cpu")[2].state_dict().values())
+    sae_loads.clear()
+    roomy, tight = SAEShelf("toy", "cpu"), SAEShelf("toy", "cpu", max_bytes=one)
     for shelf in (roomy, tight):
         for layer in (2, 4, 2, 4):
             assert shelf[layer].cfg.metadata.layer == layer
-    assert loads == [2, 4] + [2, 4, 2, 4]           # the tight shelf holds one SAE at a time
+    assert sae_loads == [2, 4] + [2, 4, 2, 4]       # the tight shelf holds one SAE at a time
