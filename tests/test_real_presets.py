@@ -227,6 +227,12 @@ def test_cached_files_without_a_hub_load_offline_for_that_load_only(tmp_path, mo
     with pytest.raises(hub.HubUnavailableError, match="'org/other'"):
         with hub.hub_files("org/other", "model"):
             pass
+    # an SAE sweep's repository: its cached snapshot is used as it is, with no network
+    (snapshot / "l12-run-1").mkdir()
+    (snapshot / "l12-run-1" / "weights.safetensors").write_bytes(b"")
+    assert hub.download_first_folder("org/model", "l12-*") == snapshot
+    with pytest.raises(hub.HubUnavailableError, match='--include "l13-\\*/\\*"'):
+        hub.download_first_folder("org/model", "l13-*")
 
 
 def test_the_hub_is_asked_again_after_a_minute(monkeypatch):
