@@ -291,3 +291,14 @@ def test_the_shelf_keeps_saes_up_to_its_byte_budget(sae_loads):
         for layer in (2, 4, 2, 4):
             assert shelf[layer].cfg.metadata.layer == layer
     assert sae_loads == [2, 4] + [2, 4, 2, 4]       # the tight shelf holds one SAE at a time
+
+
+def test_a_shelf_of_another_presets_saes_is_refused(toy_lm):
+    from tvlib.experiments import build_task_prompts, model_tasks
+    from tvlib.experiments.sae_view_sweeps import sae_view_layers
+    from tvlib.saes import SAEShelf
+    other = dataclasses.replace(get_preset("toy"), name="toy-elsewhere")
+    prompts = build_task_prompts(toy_lm.tokenizer, model_tasks(toy_lm, ["antonyms"])["antonyms"],
+                                 PromptConfig(n_prompts=4, n_shots=4, n_eval=6, n_train=6))
+    with pytest.raises(ValueError, match="preset 'toy-elsewhere'.*loaded as preset 'toy'"):
+        sae_view_layers(toy_lm, prompts, [2], saes=SAEShelf(other, "cpu"))

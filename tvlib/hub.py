@@ -104,7 +104,7 @@ def hub_files(repo_id: str, what: str, path_in_repo: str = "config.json",
 
 
 def unavailable_error(repo_id: str, what: str, repo_type: str = "model",
-                include: str | None = None) -> HubUnavailableError:
+                      include: str | None = None) -> HubUnavailableError:
     """The error for files neither cached nor downloadable, with how to get them."""
     gated = "google/gemma" in repo_id
     return HubUnavailableError(

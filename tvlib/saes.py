@@ -95,6 +95,21 @@ class SAEShelf:
         return self._loaded[layer]
 
 
+def model_shelf(lm, saes: SAEShelf | None = None) -> SAEShelf:
+    """``saes``, refused unless it holds the SAEs of ``lm``'s preset; a new shelf if None.
+
+    Results are cached under the model's preset: SAEs of another preset would be
+    stored as if they were its own.
+    """
+    if saes is None:
+        return SAEShelf(lm.preset)
+    if saes.preset != lm.preset:
+        raise ValueError(f"the SAEs passed are preset {saes.preset.name!r}'s, but the model "
+                         f"was loaded as preset {lm.preset.name!r}: pass SAEShelf(lm.preset) "
+                         "or leave saes out")
+    return saes
+
+
 def sae_site(sae) -> tuple[str, int] | None:
     """("resid_pre", L): the layer the SAE records it reads, in resid_pre terms; None if unknown.
 

@@ -12,7 +12,7 @@ from ..cleanup import CleanupConfig, cleanup
 from ..detectors import DETECTOR_CLEANUP, detector_vectors
 from ..engine import Steering, score
 from ..models import check_layers
-from ..saes import SAEShelf, check_sae_site, load_sae
+from ..saes import SAEShelf, check_sae_site, load_sae, model_shelf
 from ..prompt_batch import PromptBatch
 from ..sae_views import decode
 from ..taskvec import task_vectors
@@ -48,7 +48,7 @@ def clean_vectors(lm, name: str, label: str, vectors, layers, train: PromptBatch
     preset's, loaded here).
     """
     view, k = start_view(cfg)
-    saes = SAEShelf(lm.preset) if saes is None else saes
+    saes = model_shelf(lm, saes)
     out = {}
     for layer, vector in zip(layers, vectors):
         sae = saes[layer]

@@ -7,7 +7,7 @@ import pandas as pd
 
 from ..engine import Steering, collect_residuals, score
 from ..models import check_layers
-from ..saes import SAEShelf, check_sae_site, load_sae
+from ..saes import SAEShelf, check_sae_site, load_sae, model_shelf
 from ..prompt_batch import PromptBatch
 from ..sae_views import ITO_L0, decode, encode, ito, recon_of_tv, tv_on_recon
 from ..taskvec import task_vectors
@@ -44,7 +44,7 @@ def sae_view_layers(lm, prompts: TaskPrompts, layers, target_l0: int = ITO_L0,
 
     saes: the SAEs by layer (default: the preset's, loaded here)."""
     name = prompts.task.name
-    saes = SAEShelf(lm.preset) if saes is None else saes
+    saes = model_shelf(lm, saes)
     resid = separator_residuals(lm, prompts.few_shot, layers, batch_size)   # (L, B, S, d)
     out = {}
     for layer, layer_resid in zip(layers, resid):
