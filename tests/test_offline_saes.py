@@ -17,28 +17,31 @@ from tvlib.sae_training import SAETrainingConfig, loss_change, sae_quality, save
 from tvlib.standins import make_standin
 
 TOY_MODEL = TOY_DIR / "model"
-SMALL = GenerationConfig(n_texts=6, n_tokens=24, batch_size=3, layers=(1, 3))
+SMALL = GenerationConfig(n_texts=6, n_tokens=24, batch_size=3)
 
 
-def test_recorded_residuals_are_the_models_hidden_states(tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def test_sampled_texts_are_the_models_and_masked_after_the_end(tmp_path):
+    from transformers import AutoTokenizer
 
     chunks = generate(TOY_MODEL, SMALL, tmp_path)
     assert len(chunks) == 2
-    model = AutoModelForCausalLM.from_pretrained(TOY_MODEL).eval()
     tokenizer = AutoTokenizer.from_pretrained(TOY_MODEL)
     for chunk in chunks:
         ids = chunk["ids"]
-        assert ids.shape == (3, 25) and (ids[:, 0] == tokenizer.bos_token_id).all()
-        with torch.no_grad():
-            hidden = model(ids, output_hidden_states=True).hidden_states
-        for layer in SMALL.layers:      # sampled tokens 1 .. T - 1, fed back one by one
-            assert torch.allclose(chunk[f"resid_{layer}"], hidden[layer][:, 1:-1], atol=1e-3)
-        fed = ids[:, 1:-1]
-        special = torch.isin(fed, torch.tensor(tokenizer.all_special_ids))
-        after_eos = torch.cumsum(fed == tokenizer.eos_token_id, 1) > 0
+        assert ids.shape == chunk["mask"].shape == (3, 25)
+        assert (ids[:, 0] == tokenizer.bos_token_id).all()
+        special = torch.isin(ids, torch.tensor(tokenizer.all_special_ids))
+        after_eos = torch.cumsum(ids == tokenizer.eos_token_id, 1) > 0
         assert torch.equal(chunk["mask"], ~special & ~after_eos)
     assert not torch.equal(chunks[0]["ids"], chunks[1]["ids"])   # each chunk its own seed
+
+
+def test_sampling_draws_from_the_softmax():
+    from tvlib.generated_text import _sample
+    logits = torch.log(torch.tensor([[0.1, 0.6, 0.3]])).expand(20000, 3)
+    drawn = _sample(logits, 1.0, torch.Generator().manual_seed(0)).flatten()
+    shares = torch.bincount(drawn, minlength=3).float() / len(drawn)
+    torch.testing.assert_close(shares, torch.tensor([0.1, 0.6, 0.3]), atol=0.015, rtol=0)
 
 
 def test_sampled_chunks_are_reused_and_damaged_ones_sampled_again(tmp_path):
@@ -88,23 +91,57 @@ def test_card_measurements_on_an_sae_that_reconstructs_exactly(toy_lm):
     assert quality["fvu"] < 1e-10 and quality["n_tokens"] == 50
     assert quality["l0"] == pytest.approx((x != 0).sum(1).float().mean().item())
     assert quality["dead_fraction"] == pytest.approx(6 / 256)
-    ids = toy_lm.tokenizer(["<bos> hot -> cold \n big -> small \n up -> down"] * 3,
-                           add_special_tokens=False, return_tensors="pt")["input_ids"]
-    mask = torch.ones(3, ids.shape[1] - 2, dtype=torch.bool)
-    mask[1, 4:] = False
-    losses = loss_change(toy_lm, {2: sae}, ids, mask)[2]
+    rows = toy_lm.tokenizer(["<bos> hot -> cold \n big -> small \n up -> down"] * 3,
+                            add_special_tokens=False, return_tensors="pt")["input_ids"]
+    mask = torch.ones_like(rows, dtype=torch.bool)
+    mask[:, 0] = False
+    mask[1, 6:] = False
+    means = {2: torch.zeros(128)}
+    losses = loss_change(toy_lm, {2: sae}, rows, mask, means)[2]
     assert losses["delta_loss"] == pytest.approx(0, abs=1e-5)
-    assert losses["loss_zero"] > losses["loss_clean"] + 0.5     # zeroing layer 2 hurts
+    assert losses["recovered"] == pytest.approx(1, abs=1e-4)
+    assert losses["loss_mean_ablated"] > losses["loss_clean"] + 0.5   # zeroing layer 2 hurts
     with pytest.raises(ValueError, match="SAE .*resid_pre 2.*layer 3|resid_pre 3"):
-        loss_change(toy_lm, {3: sae}, ids, mask)
+        loss_change(toy_lm, {3: sae}, rows, mask, {3: torch.zeros(128)})
+    with pytest.raises(ValueError, match="no mean residual for resid_pre 2"):
+        loss_change(toy_lm, {2: sae}, rows, mask, {})
     with pytest.raises(ValueError, match="mask has shape"):
-        loss_change(toy_lm, {2: sae}, ids, mask[:, 1:])
+        loss_change(toy_lm, {2: sae}, rows, mask[:, 1:], means)
+
+
+def test_the_loss_change_equals_a_direct_computation(toy_lm):
+    """Mean ablation of resid_pre 2 at the recorded tokens, by hooks on the model itself."""
+    sae = exact_sae(128, "model.layers.2.input")
+    rows = toy_lm.tokenizer(["<bos> hot -> cold \n big -> small \n up -> down"] * 2,
+                            add_special_tokens=False, return_tensors="pt")["input_ids"]
+    mask = torch.ones_like(rows, dtype=torch.bool)
+    mask[:, 0] = False
+    mask[0, 5:] = False
+    mean = torch.randn(128)
+    got = loss_change(toy_lm, {2: sae}, rows, mask, {2: mean})[2]
+    block = toy_lm._module.model.layers[2]
+
+    def ablate(module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        h = torch.where(mask[..., None], mean.expand(h.shape), h)
+        return ((h,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+    handle = block.register_forward_pre_hook(ablate, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            logits = toy_lm._module(rows).logits[:, :-1]
+    finally:
+        handle.remove()
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), rows[:, 1:], reduction="none")
+    scored = mask[:, :-1] & mask[:, 1:]
+    assert got["loss_mean_ablated"] == pytest.approx(nll[scored].mean().item(), rel=1e-5)
 
 
 def test_trained_sae_learns_and_round_trips_through_its_folder(tmp_path, toy_lm):
-    chunks = generate(TOY_MODEL, GenerationConfig(n_texts=16, n_tokens=64, batch_size=8,
-                                                  layers=(3,)), tmp_path / "cache")
-    resid = torch.cat([c["resid_3"][c["mask"]] for c in chunks])
+    from tvlib.residual_store import text_rows
+    from tvlib.sae_training import text_residuals
+    texts = json.loads((TOY_DIR / "corpus.json").read_text(encoding="utf-8"))[:200]
+    rows, _ = text_rows(toy_lm.tokenizer, texts, length=64)
+    resid = text_residuals(toy_lm, rows, [3])[3]
     cfg = SAETrainingConfig(width=256, k=16, lr=3e-3, batch_tokens=128, epochs=30, seed=3)
     sae = train_sae(resid, "blocks.2.hook_resid_post", cfg, log=lambda _: None)
     quality = sae_quality(sae, resid)
@@ -144,28 +181,44 @@ def test_gated_training_and_unknown_architectures(toy_lm):
 def test_build_writes_saes_corpus_and_card_beside_the_preset(tmp_path):
     folder = tmp_path / "standin"
     preset = make_standin("gemma-3-270m-offline", folder)
-    cfg = BuildConfig(GenerationConfig(n_texts=12, n_tokens=40, batch_size=4),
+    texts = json.loads((TOY_DIR / "corpus.json").read_text(encoding="utf-8"))
+    prose = {"facts": texts[:300], "patterns": texts[300:600]}
+    cfg = BuildConfig(GenerationConfig(n_texts=16, batch_size=8),
                       SAETrainingConfig(width=128, k=8, batch_tokens=64, epochs=2),
-                      n_heldout_chunks=1, loss_texts=4)
-    card = build(str(folder), cfg, cache_dir=tmp_path / "cache", log=lambda _: None)
+                      max_share=0.7, heldout_fraction=0.2, train_tokens=3000, context=32,
+                      heldout_rows=12, loss_rows=4, corpus_texts=3)
+    card = build(str(folder), cfg, cache_dir=tmp_path / "cache", prose=prose, log=lambda _: None)
     assert (folder / "preset.json").exists() and (folder / "model").is_dir()   # kept
     assert [row["layer"] for row in card["saes"]] == list(preset.resid_pre_layers_with_sae())
-    assert card["train_texts"] == 8 and card["heldout_texts"] == 4
+    assert set(card["corpus"]["sources"]) == {"facts", "patterns", "model-written"}
+    assert 2000 < card["corpus"]["train_tokens"] <= 3000
+    heldout = card["corpus"]["heldout_rows"]     # the random stand-in ends texts early
+    assert heldout["prose"] == 12 and 1 <= heldout["model-written"] <= 12
     corpus = json.loads((folder / "corpus.json").read_text())
-    assert len(corpus) == 4 and all(isinstance(text, str) and text for text in corpus)
+    assert len(corpus) == 6 and all(isinstance(text, str) and text for text in corpus)
     lm = load_model(str(folder), device="cpu")
     for row in card["saes"]:
         sae = load_sae(str(folder), row["layer"], device="cpu")     # site checked on load
         assert sae.cfg.metadata.hook_name == f"blocks.{row['layer'] - 1}.hook_resid_post"
         assert sae.cfg.d_sae == 128                                 # the stand-in's replaced
-        assert row["loss_zero"] > row["loss_clean"] - 1 and 0 <= row["dead_fraction"] <= 1
+        for name in ("model-written", "prose"):
+            m = row[name]
+            assert 0 <= m["dead_fraction"] <= 1 and m["fvu"] >= 0
+            assert m["recovered"] == pytest.approx(
+                (m["loss_mean_ablated"] - m["loss_sae"])
+                / (m["loss_mean_ablated"] - m["loss_clean"]))
         assert row["seed"] == cfg.training.seed + row["layer"]
         site = Path(preset.sae_dir) / preset.sae_id.format(layer=row["layer"] - 1)
         record = json.loads((site / "training.json").read_text())
         assert record["card"] == row and record["preset"] == preset.name
+    # the stand-in's own SAEs were measured the same way, before they were replaced
+    assert set(card["previous_saes"]) == {row["layer"] for row in card["saes"]}
     assert not list(folder.glob("*-previous"))
-    assert "| 1 | resid_post 0 | 128 |" in (folder / "MODEL_CARD.md").read_text()
+    text = (folder / "MODEL_CARD.md").read_text()
+    assert "| 1 | prose | 128 |" in text and "The SAEs these replaced" in text
     assert lm.preset.name == "gemma-3-270m-offline-standin"
-    with pytest.raises(ValueError, match="leave none to train on"):
-        build(str(folder), BuildConfig(GenerationConfig(n_texts=8, batch_size=4)),
-              cache_dir=tmp_path / "cache")
+    messages = []                       # a re-run reads the sampled text and the residuals
+    again = build(str(folder), cfg, cache_dir=tmp_path / "cache", prose=prose,
+                  log=messages.append)
+    assert not any("sampled chunk" in m for m in messages)
+    assert again["saes"][0]["prose"]["fvu"] == pytest.approx(card["saes"][0]["prose"]["fvu"])

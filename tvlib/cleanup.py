@@ -28,6 +28,7 @@ from .feature_weights import (ACTIVATIONS, INITS, UNITS, activation_function, fe
                               initial_theta)
 from .models import check_layer, require_local
 from .saes import check_sae_site
+from .sae_views import check_features
 from .prompt_batch import PromptBatch
 from .pursuit import SELECTIONS
 from .steered_loss import SteeredNLL
@@ -99,8 +100,14 @@ class CleanupDiverged(FloatingPointError):
 
 def cleanup(lm, sae, layer: int, tv: torch.Tensor, train: PromptBatch,
             heldout: PromptBatch | None = None, cfg: CleanupConfig = CleanupConfig(),
-            seed: int = 0) -> CleanupResult:
-    """Optimise the SAE feature weights of ``tv`` (d,) against the task loss plus L1."""
+            seed: int = 0, support: list[int] | None = None) -> CleanupResult:
+    """Optimise the SAE feature weights of ``tv`` (d,) against the task loss plus L1.
+
+    support: None (every feature the start activates), or the feature indices that alone
+    may be non-zero, each starting on (``feature_weights.initial_theta``); with
+    ``lam=0`` this tunes given features' weights with the task loss alone (the
+    hand-picked controls of ``tvlib.controls``).
+    """
     check_layer(lm, layer)
     require_local(lm, "cleanup")
     check_sae_site(sae, lm, layer)
@@ -116,18 +123,34 @@ def cleanup(lm, sae, layer: int, tv: torch.Tensor, train: PromptBatch,
     if cfg.init == "pursuit" and cfg.pursuit_l0 > sae.cfg.d_sae:
         raise ValueError(f"CleanupConfig.pursuit_l0={cfg.pursuit_l0} is more than this SAE's "
                          f"{sae.cfg.d_sae} features: lower it (the authors used 7)")
+    if support is not None:
+        support = check_support(sae, support)
     # seeded for reproducibility, on a copy of the random state: the caller's is left as it
     # was (every GPU's too, since manual_seed seeds them all)
     with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
         torch.manual_seed(seed)
-        return _optimise(lm, sae, layer, tv, train, heldout, cfg)
+        return _optimise(lm, sae, layer, tv, train, heldout, cfg, support)
+
+
+def check_support(sae, support) -> list[int]:
+    """``support`` as a non-empty list of distinct feature indices of ``sae``, or refused."""
+    support = check_features(sae, support)
+    if not support:
+        raise ValueError("support is empty: pass the feature indices to tune, e.g. [5, 192], "
+                         "or support=None for every feature the start activates")
+    if len(set(support)) != len(support):
+        repeated = sorted({f for f in support if support.count(f) > 1})
+        raise ValueError(f"support lists features {repeated} more than once: list each "
+                         "feature once")
+    return support
 
 
 def _optimise(lm, sae, layer: int, tv: torch.Tensor, train: PromptBatch,
-              heldout: PromptBatch | None, cfg: CleanupConfig) -> CleanupResult:
+              heldout: PromptBatch | None, cfg: CleanupConfig,
+              support: list[int] | None = None) -> CleanupResult:
     act = activation_function(sae, cfg.activation)
     theta0 = initial_theta(sae, tv, cfg.init, cfg.pursuit_l0, cfg.pursuit_selection,
-                           cfg.activation)
+                           cfg.activation, support)
     unit = feature_units(sae, tv, cfg.units).to(theta0.device)          # (F,)
     # theta = theta0 + delta * unit: Adam's step on delta is lr in these units.
     delta = torch.zeros_like(theta0, requires_grad=True)

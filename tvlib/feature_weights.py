@@ -124,7 +124,8 @@ def activation_function(sae, activation: str = "sae"):
 
 
 def initial_theta(sae, tv: torch.Tensor, init: str = "encoder", pursuit_l0: int = 7,
-                  pursuit_selection: str = "inactive", activation: str = "sae"):
+                  pursuit_selection: str = "inactive", activation: str = "sae",
+                  support: list[int] | None = None):
     """theta0 (F,) such that ``activation_function(sae, activation)(theta0)`` is the SAE encoding of ``tv``.
 
     "encoder": pre-activations on active features, and at most 0 on the others.
@@ -138,6 +139,12 @@ def initial_theta(sae, tv: torch.Tensor, init: str = "encoder", pursuit_l0: int 
     smaller than with the converted decoder, and decodes them with the SAE's
     decoder: their start is about (tv + b_dec) / n_out, tvlib's about
     tv + b_dec / n_out (the same when n_out = 1).
+
+    support: feature indices (checked by the caller) that alone may be non-zero, e.g.
+    hand-picked features (``tvlib.controls``). Every other feature starts at theta <= 0,
+    where it has no gradient and stays at zero; a feature of the support that the start
+    leaves at zero starts just on (theta the next float above its threshold, or above 0),
+    at the smallest weight its activation lets through, so that it can be tuned.
     """
     if init not in INITS:
         raise ValueError(f"init must be 'encoder' or 'pursuit', not {init!r}")
@@ -146,7 +153,8 @@ def initial_theta(sae, tv: torch.Tensor, init: str = "encoder", pursuit_l0: int 
     x = tv.detach().to(sae.W_dec).unsqueeze(0)                         # (1, d)
     if init == "pursuit":
         w = sae_pursuit(sae, x, pursuit_l0, selection=pursuit_selection).weights[0].to(x.device)
-        return torch.where(w > 0, w, torch.full_like(w, -1.0))
+        return _restricted(sae, torch.where(w > 0, w, torch.full_like(w, -1.0)), activation,
+                           support)
     with torch.no_grad():
         _, cache = sae.run_with_cache(x)
         pre = cache["hook_sae_acts_pre"][0].float()                     # (F,)
@@ -159,7 +167,20 @@ def initial_theta(sae, tv: torch.Tensor, init: str = "encoder", pursuit_l0: int 
         threshold = threshold.to(theta.device)
         theta = torch.where(active, torch.maximum(theta, torch.nextafter(
             threshold, torch.full_like(threshold, math.inf))), theta)
-    return theta
+    return _restricted(sae, theta, activation, support)
+
+
+def _restricted(sae, theta: torch.Tensor, activation: str,
+                support: list[int] | None) -> torch.Tensor:
+    """theta (F,) with every feature off outside ``support`` and every feature on inside it."""
+    if support is None:
+        return theta
+    inside = torch.zeros_like(theta, dtype=torch.bool)
+    inside[torch.as_tensor(support, dtype=torch.long, device=theta.device)] = True
+    threshold = sae_threshold(sae) if activation == "sae" else None
+    floor = torch.zeros_like(theta) if threshold is None else threshold.to(theta)
+    just_on = torch.nextafter(floor, torch.full_like(floor, math.inf))          # (F,)
+    return torch.where(inside, torch.maximum(theta, just_on), theta.clamp(max=0))
 
 
 def feature_units(sae, tv: torch.Tensor, units: str = "norm_scaled") -> torch.Tensor:

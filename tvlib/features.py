@@ -1,4 +1,5 @@
-"""Reading SAE features over a text corpus: max-activating contexts and density.
+"""Reading SAE features over a text corpus: max-activating contexts and density; and
+the tokens each feature's decoder direction promotes and suppresses (its logit table).
 
 Density is the fraction of corpus tokens (BOS and padding excluded) on which a
 feature is active; dense features fire almost everywhere and say little about
@@ -15,6 +16,7 @@ import pandas as pd
 import torch
 
 from .hub import hub_files
+from .models import final_norm_scale, unembedding
 from .saes import check_sae_site
 from .sae_views import check_features
 from .engine import check_batch_size, collect_residuals
@@ -115,6 +117,77 @@ def read_features(lm, sae, layer: int, corpus: dict, features=(), k: int = 8,
     return FeatureReading(top, fires / counted.sum())
 
 
+def visible_token(tokenizer, token_id: int) -> str:
+    """A token's text, readable in a table: each space shown as ``␣``, a line break as ``⏎``,
+    a tab as ``⇥``; a token that is not text on its own (one byte of a character, which
+    decodes to ``�``) is shown as the tokenizer writes it (``<0xE2>``, ``âĢ``)."""
+    text = tokenizer.decode([token_id])
+    if "\ufffd" in text or not text:
+        text = str(tokenizer.convert_ids_to_tokens(token_id))
+    return text.replace(" ", "␣").replace("\n", "⏎").replace("\t", "⇥")
+
+
+LOGIT_COLUMNS = ["feature", "direction", "rank", "token_id", "token", "effect"]
+
+
+@torch.no_grad()
+def logit_table(lm, sae, features, k: int = 10, batch_size: int = 64) -> pd.DataFrame:
+    """The ``k`` tokens each feature's decoder direction promotes and suppresses most.
+
+    effect = (W_dec[f] * s) @ W_U^T, s the final norm's elementwise scale
+    (``models.final_norm_scale``: Gemma's 1 + weight, Llama's, the embedded model's and
+    GPT-2's weight; for GPT-2's LayerNorm W_dec[f] is centred first, as the norm does): the
+    direct effect on the logits of the feature's decoder row in the last residual, per unit
+    of the row as the SAE stores it, with the norm folded into the unembedding as
+    TransformerLens's ``fold_ln`` (its default) does; the logit table SAEDashboard and
+    Neuronpedia show. Left out: the norm's 1 / rms (it depends on the whole residual; it
+    scales every effect alike), final-logit soft-capping (monotonic), and TransformerLens's
+    ``center_unembed``, which shifts all of a feature's effects by one constant (same ranks).
+
+    Returns one row per (feature, direction, rank), columns ``LOGIT_COLUMNS``, features in
+    the order given (each once): direction "promotes" (largest effect first) or
+    "suppresses" (most negative first), rank from 0, the token's id and its text
+    (``visible_token``: spaces as ``␣``). Computed in float32 on the unembedding's device
+    (the SAE's decoder rows are moved there), one matrix product per ``batch_size`` features.
+    """
+    features = list(dict.fromkeys(check_features(sae, features)))     # each feature once
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k (tokens per direction) must be a positive int, not {k!r}")
+    check_batch_size(batch_size)
+    W_U = unembedding(lm)                                                  # (V, d)
+    scale, centres = final_norm_scale(lm)
+    n_tokens = min(W_U.shape[0], len(lm.tokenizer))   # rows past the tokenizer are no token
+    if k > n_tokens:
+        raise ValueError(f"k={k} is more than the {n_tokens} tokens of the vocabulary")
+    if W_U.shape[1] != sae.cfg.d_in:
+        raise ValueError(f"this SAE's decoder writes vectors of width {sae.cfg.d_in}, but the "
+                         f"model's unembedding reads {W_U.shape[1]}: use the SAE made for it")
+    W_U = W_U[:n_tokens].float()          # a float32 copy only when the model is not float32
+    scale = scale.to(W_U.device)
+    rows = []
+    for start in range(0, len(features), batch_size):
+        batch = features[start:start + batch_size]
+        index = torch.tensor(batch, device=sae.W_dec.device)
+        directions = sae.W_dec.detach()[index].to(W_U.device, torch.float32)    # (f, d)
+        dead = [f for f, zero in zip(batch, (directions == 0).all(-1).tolist()) if zero]
+        if dead:
+            raise ValueError(f"features {dead} have an all-zero decoder row: they promote "
+                             "no token; leave them out")
+        if centres:
+            directions = directions - directions.mean(-1, keepdim=True)
+        effect = (directions * scale) @ W_U.T                                # (f, V)
+        found = {"promotes": effect.topk(k, dim=-1),
+                 "suppresses": effect.topk(k, dim=-1, largest=False)}
+        found = {name: (f.values.cpu().tolist(), f.indices.cpu().tolist())
+                 for name, f in found.items()}
+        for i, feature in enumerate(batch):
+            for name, (values, ids) in found.items():
+                rows += [(feature, name, rank, ids[i][rank],
+                          visible_token(lm.tokenizer, ids[i][rank]), values[i][rank])
+                         for rank in range(k)]
+    return pd.DataFrame(rows, columns=LOGIT_COLUMNS)
+
+
 def context(tokenizer, input_ids: torch.Tensor, token: int, left: int = 12,
             right: int = 3) -> tuple[str, str, str]:
     """(text before, the token, text after) around ``token`` of one padded row."""
@@ -125,16 +198,36 @@ def context(tokenizer, input_ids: torch.Tensor, token: int, left: int = 12,
             piece(ids[token + 1:token + 1 + right]))
 
 
-def examples_html(tokenizer, corpus: dict, top, density=None, links=None) -> str:
-    """A compact HTML table: one line per feature, its top contexts with the token marked."""
+def examples_html(tokenizer, corpus: dict, top, density=None, links=None, logits=None,
+                  n_logits: int = 6) -> str:
+    """A compact HTML table: one line per feature, its top contexts with the token marked.
+
+    ``logits``: a ``logit_table`` of the same features; each line then also shows the
+    ``n_logits`` tokens the feature promotes and suppresses most, with their effect (a
+    feature that never fires on the corpus is then shown too, with its logits only).
+    """
     from html import escape
 
+    if logits is not None:
+        missing = set(LOGIT_COLUMNS) - set(getattr(logits, "columns", ()))
+        if missing:
+            raise ValueError(f"logits must be a logit_table (columns {LOGIT_COLUMNS}); this "
+                             f"table lacks {sorted(missing)}")
+        if isinstance(n_logits, bool) or not isinstance(n_logits, int) or n_logits < 1:
+            raise ValueError(f"n_logits must be a positive int, not {n_logits!r}")
     ids = corpus["inputs"]["input_ids"]
+    header = "<th>max-activating contexts (activation)</th>"
+    if logits is not None:
+        header += "<th>promotes (logit effect)</th><th>suppresses</th>"
     lines = ["<table style='font-size:11px'><tr><th>feature</th><th>density</th>"
-             "<th>max-activating contexts (activation)</th></tr>"]
-    for feature, group in top.groupby("feature", sort=False):
+             f"{header}</tr>"]
+    groups = dict(list(top.groupby("feature", sort=False)))
+    features = list(groups)
+    if logits is not None:
+        features = list(dict.fromkeys(features + [int(f) for f in logits.feature]))
+    for feature in features:
         shown = []
-        for r in group.itertuples():
+        for r in groups[feature].itertuples() if feature in groups else ():
             before, tok, after = context(tokenizer, ids[r.doc], r.token)
             shown.append(f"{escape(before)}<b style='background:#fd6'>{escape(tok)}</b>"
                          f"{escape(after)} <span style='color:#888'>({r.activation:.1f})"
@@ -143,9 +236,18 @@ def examples_html(tokenizer, corpus: dict, top, density=None, links=None) -> str
         if links and links.get(feature):
             name = f"<a href='{links[feature]}' target='_blank'>{feature}</a>"
         dens = "" if density is None else f"{density[feature].item():.3f}"
-        body = "<br>".join(s.replace("\n", "⏎") for s in shown)
-        lines.append(f"<tr><td>{name}</td><td>{dens}</td><td style='text-align:left'>{body}"
-                     "</td></tr>")
+        body = "<br>".join(s.replace("\n", "⏎") for s in shown) or \
+            "<span style='color:#888'>(not active on the corpus)</span>"
+        cells = f"<td style='text-align:left'>{body}</td>"
+        if logits is not None:
+            mine = logits[logits.feature == feature]
+            for direction, colour in (("promotes", "#dfd"), ("suppresses", "#fdd")):
+                rows = mine[(mine.direction == direction) & (mine["rank"] < n_logits)]
+                cells += "<td style='text-align:left;white-space:nowrap'>" + "<br>".join(
+                    f"<span style='background:{colour}'>{escape(r.token)}</span> "
+                    f"<span style='color:#888'>{r.effect:+.2f}</span>"
+                    for r in rows.sort_values("rank").itertuples()) + "</td>"
+        lines.append(f"<tr><td>{name}</td><td>{dens}</td>{cells}</tr>")
     return "\n".join(lines + ["</table>"])
 
 

@@ -1,16 +1,16 @@
-"""Text a model writes itself, with its residual stream recorded as it writes.
+"""Text a model writes itself, sampled from its BOS token.
 
-Offline there is no text corpus to download. Like the writeup's authors, who trained
-their Phi-3 SAEs on a model-generated dataset, the SAEs of an offline model are trained
-on what the model samples from its BOS token (temperature 1: its own distribution).
-The residual stream of every sampled token is recorded during sampling, from the
-same forward passes (resid_pre L is Hugging Face ``hidden_states[L]``), so that the
-text costs one pass of the model and no second pass over it.
+Offline there is no web text to download. Like the writeup's authors, who trained
+their Phi-3 SAEs on a model-generated dataset, the SAEs of an offline model see what
+the model samples from BOS at temperature 1 (its own distribution), mixed with
+packaged English prose (tvlib.prose_text). Sampling only writes token ids; the
+residuals of these texts are recorded afterwards by batched prefill, as every other
+text's (tvlib.residual_store).
 
 Texts are sampled in chunks of ``batch_size``; chunk ``i`` uses its own seeded
 generator, and finished chunks are kept in a cache folder named by the model's
-file digests and every setting, so that a re-run (or a longer run) reuses them and a
-damaged chunk file is sampled again.
+file digests and every setting, so that a re-run (or a longer run, or one after an
+interrupt) reuses them and a damaged chunk file is sampled again.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .cache import LIBRARIES, CacheWarning, digest, folder_digest, write_atomic
 
 # Bump when the sampling, the seeding or what a chunk holds changes: old chunks are then
 # sampled again rather than reused.
-GENERATION_FORMAT = 1
+GENERATION_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -34,11 +34,10 @@ class GenerationConfig:
     """How the texts are sampled; every field is part of the cache key."""
 
     n_texts: int = 1536
-    n_tokens: int = 128             # tokens sampled after BOS
-    batch_size: int = 128           # texts per chunk (sampled together)
+    n_tokens: int = 127             # tokens sampled after BOS (rows of 128 with it)
+    batch_size: int = 256           # texts per chunk (sampled together)
     temperature: float = 1.0
     seed: int = 0
-    layers: tuple[int, ...] = ()    # resid_pre layers whose residuals are recorded
 
     def __post_init__(self):
         for name in ("n_texts", "n_tokens", "batch_size"):
@@ -70,49 +69,34 @@ def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator
 
 @torch.no_grad()
 def sample_chunk(model, tokenizer, cfg: GenerationConfig, chunk: int) -> dict[str, torch.Tensor]:
-    """Chunk ``chunk``: ids (B, 1 + n_tokens), a mask of the tokens to learn from
-    (B, n_tokens - 1) and ``resid_{L}`` (B, n_tokens - 1, d) in float32 (Gemma 3's
-    residual, with entries past 10^4, would lose too much in bfloat16 and overflow float16).
-
-    Recorded positions are the sampled tokens 1 .. n_tokens - 1 (the last sampled token
-    is never fed back). The mask drops the end-of-text token, anything after it and
-    any other special token.
-    """
+    """Chunk ``chunk``: ids (B, 1 + n_tokens) starting with BOS, and the mask (B, 1 +
+    n_tokens) of the tokens to learn from: sampled tokens before the end of text, no
+    special token (BOS, end of text and anything after it are left out)."""
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + chunk)
-    B = cfg.batch_size
-    ids = torch.full((B, 1), tokenizer.bos_token_id, dtype=torch.long)
+    device = model.get_input_embeddings().weight.device
+    ids = torch.full((cfg.batch_size, 1), tokenizer.bos_token_id, dtype=torch.long)
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
-    recorded = {layer: [] for layer in cfg.layers}
     past = None
-    for step in range(cfg.n_tokens):
-        out = model.model(input_ids=ids[:, -1:], past_key_values=past, use_cache=True,
-                          output_hidden_states=bool(cfg.layers))
+    for _ in range(cfg.n_tokens):
+        out = model.model(input_ids=ids[:, -1:].to(device), past_key_values=past,
+                          use_cache=True)
         past = out.past_key_values
-        if step > 0:                                # position 0 is BOS: not recorded
-            for layer in cfg.layers:
-                recorded[layer].append(out.hidden_states[layer][:, -1].float())
-        logits = head(out.last_hidden_state[:, -1])                       # (B, V)
+        logits = head(out.last_hidden_state[:, -1]).float().cpu()         # (B, V)
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         ids = torch.cat([ids, _sample(logits, cfg.temperature, generator)], dim=1)
-
-    special = torch.tensor(sorted(tokenizer.all_special_ids))
-    fed = ids[:, 1:-1]                                                    # (B, T - 1)
-    ended = torch.cumsum(fed == tokenizer.eos_token_id, dim=1) > 0
-    mask = ~ended & ~torch.isin(fed, special)
-    tensors = {"ids": ids, "mask": mask}
-    for layer in cfg.layers:
-        resid = torch.stack(recorded[layer], dim=1).contiguous()
-        if not torch.isfinite(resid).all():
-            raise FloatingPointError(f"resid_pre {layer} is not finite in chunk {chunk}")
-        tensors[f"resid_{layer}"] = resid
-    return tensors
+    ended = torch.cumsum(ids == tokenizer.eos_token_id, dim=1) > 0
+    mask = ~ended & ~torch.isin(ids, torch.tensor(sorted(tokenizer.all_special_ids)))
+    return {"ids": ids, "mask": mask}
 
 
-def chunk_folder(model_dir: str | Path, cfg: GenerationConfig, cache_dir: Path) -> Path:
-    """The cache folder of this model's texts under these settings (any n_texts)."""
+def chunk_folder(model_dir: str | Path, cfg: GenerationConfig, cache_dir: Path,
+                 device: str = "cpu") -> Path:
+    """The cache folder of this model's texts under these settings (any n_texts), on this
+    kind of device (a GPU's logits differ in the last bits: other samples)."""
     key = {"format": GENERATION_FORMAT, "model": folder_digest(Path(model_dir)),
+           "device": torch.device(device).type,
            "libraries": {name: version(name) for name in LIBRARIES},
            **{k: v for k, v in asdict(cfg).items() if k != "n_texts"}}
     return Path(cache_dir) / f"generated-{digest(key)}"
@@ -125,10 +109,8 @@ def _load_chunk(path: Path, cfg: GenerationConfig) -> dict[str, torch.Tensor] | 
         return None
     try:
         tensors = load_file(str(path))
-        ok = (tensors["ids"].shape == (cfg.batch_size, cfg.n_tokens + 1)
-              and tensors["mask"].shape == (cfg.batch_size, cfg.n_tokens - 1)
-              and all(tensors[f"resid_{layer}"].shape[:2] == (cfg.batch_size, cfg.n_tokens - 1)
-                      for layer in cfg.layers))
+        ok = (tensors["ids"].shape == tensors["mask"].shape == (cfg.batch_size,
+                                                                cfg.n_tokens + 1))
     except Exception as error:          # truncated or garbage file: sample it again
         warnings.warn(CacheWarning(f"{path} is damaged ({error}); sampling it again"))
         return None
@@ -139,12 +121,12 @@ def _load_chunk(path: Path, cfg: GenerationConfig) -> dict[str, torch.Tensor] | 
 
 
 def generate(model_dir: str | Path, cfg: GenerationConfig, cache_dir: Path,
-             log=print) -> list[dict[str, torch.Tensor]]:
+             device: str = "cpu", log=print) -> list[dict[str, torch.Tensor]]:
     """Every chunk of ``cfg``, sampled or read from the cache (see module docstring)."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = chunk_folder(model_dir, cfg, cache_dir)
+    folder = chunk_folder(model_dir, cfg, cache_dir, device)
     folder.mkdir(parents=True, exist_ok=True)
     model = tokenizer = None
     chunks = []
@@ -154,7 +136,8 @@ def generate(model_dir: str | Path, cfg: GenerationConfig, cache_dir: Path,
         if tensors is None:
             if model is None:
                 tokenizer = AutoTokenizer.from_pretrained(model_dir)
-                model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+                model = AutoModelForCausalLM.from_pretrained(
+                    model_dir, dtype=torch.float32).to(device).eval()
             tensors = sample_chunk(model, tokenizer, cfg, chunk)
             write_atomic(path, lambda tmp: save_file(tensors, str(tmp)))
             log(f"sampled chunk {chunk + 1}/{cfg.n_chunks} -> {path.name}")

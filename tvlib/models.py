@@ -144,6 +144,54 @@ def blocks(lm):
     raise ValueError(f"cannot find the transformer blocks of {type(inner).__name__}")
 
 
+# The final norm of each model family (Hugging Face ``config.model_type``), as the model
+# applies it to the last residual before the unembedding: (where it is, whether it
+# subtracts the mean first, whether its elementwise scale is 1 + weight rather than weight).
+FINAL_NORMS = {
+    "llama": ("model.norm", False, False),        # LlamaRMSNorm: weight * x / rms(x)
+    "gemma": ("model.norm", False, True),         # GemmaRMSNorm: (1 + weight) * x / rms(x)
+    "gemma2": ("model.norm", False, True),
+    "gemma3_text": ("model.norm", False, True),
+    "gpt2": ("transformer.ln_f", True, False),    # LayerNorm: weight * (x - mean) / std + bias
+}
+
+
+def final_norm_scale(lm) -> tuple[torch.Tensor, bool]:
+    """(scale, centres): what the final norm does to a direction added to the residual.
+
+    Up to the positive factor 1 / rms (or 1 / std) that depends on the whole residual, the
+    final norm maps a direction ``d`` to ``scale * d``, or for LayerNorm (``centres``) to
+    ``scale * (d - d.mean())``; a LayerNorm bias does not depend on ``d``. ``scale`` is
+    float32 (d,), on the norm's device: Llama's (and the embedded model's) and GPT-2's
+    ``weight``, Gemma's (1, 2, 3) ``1 + weight``. Folded into the unembedding this is
+    TransformerLens's ``fold_ln`` (with its centring of the unembedding for LayerNorm).
+    """
+    model_type = getattr(lm._module.config, "model_type", None)
+    if model_type not in FINAL_NORMS:
+        raise ValueError(
+            f"tvlib does not know the final norm of model family {model_type!r} "
+            f"({type(lm._module).__name__}); known families: {sorted(FINAL_NORMS)}. Add the "
+            "family to tvlib.models.FINAL_NORMS (where its final norm is, whether it centres, "
+            "whether it scales by 1 + weight)")
+    path, centres, offset = FINAL_NORMS[model_type]
+    norm = lm._module.get_submodule(path)
+    weight = norm.weight.detach()
+    if weight.device.type == "meta":
+        raise ValueError("the model's weights are not here (remote=True loads a skeleton): "
+                         "load the model locally to read its final norm")
+    weight = weight.float()
+    return (1 + weight if offset else weight), centres
+
+
+def unembedding(lm) -> torch.Tensor:
+    """The unembedding matrix W_U as the model stores it, (vocab, d), detached."""
+    weight = lm._module.get_output_embeddings().weight.detach()
+    if weight.device.type == "meta":
+        raise ValueError("the model's weights are not here (remote=True loads a skeleton): "
+                         "load the model locally to read its unembedding")
+    return weight
+
+
 def n_layers(lm) -> int:
     return len(blocks(lm))
 

@@ -206,18 +206,23 @@ def plot_lambda_sweep(sweep: pd.DataFrame, title: str = ""):
 
 
 def plot_steering_matrix(grid: pd.DataFrame, clip: float = 1.0, title: str = ""):
-    """Heatmap of relative loss change (task rows x feature columns), increases clipped."""
+    """Heatmap of relative loss change (task rows x feature columns), increases clipped; a
+    random direction (``feature`` empty, ``seed`` set) is a column "random (seed s)"."""
     tasks = list(dict.fromkeys(grid.task))
-    columns = list(dict.fromkeys(zip(grid.feature_task, grid.feature)))
-    table = grid.pivot_table(index="task", columns="feature", values="relative_change")
-    values = table.loc[tasks, [f for _, f in columns]].clip(upper=clip)
+    random = grid.feature.isna()
+    seeds = grid["seed"] if "seed" in grid else pd.Series(pd.NA, index=grid.index)
+    label = pd.Series([f"random (seed {s})" if r else f"{int(f)} ({t})" for r, s, f, t in
+                       zip(random, seeds, grid.feature, grid.feature_task)], index=grid.index)
+    columns = list(dict.fromkeys(label))
+    table = grid.assign(column=label).pivot_table(index="task", columns="column",
+                                                  values="relative_change")
+    values = table.loc[tasks, columns].clip(upper=clip)
     with styled():
         # at least 6 inches wide: a narrower axes puts the title over the colorbar's label
         fig, ax = plt.subplots(figsize=(max(0.5 * len(columns) + 3.0, 6.0),
                                         0.38 * len(tasks) + 1.6))
         image = ax.imshow(values.values, cmap="RdBu_r", vmin=-1, vmax=clip, aspect="auto")
-        ax.set_xticks(range(len(columns)), [f"{f} ({t})" for t, f in columns], rotation=60,
-                      ha="right", fontsize=7)
+        ax.set_xticks(range(len(columns)), columns, rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(len(tasks)), tasks, fontsize=7)
         ax.set_xlabel("steering feature (task it was cleaned for)")
         ax.grid(False)

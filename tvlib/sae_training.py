@@ -180,45 +180,60 @@ def sae_quality(sae, resid: torch.Tensor, batch: int = 8192) -> dict:
 
 
 @torch.no_grad()
-def loss_change(lm, saes: dict, ids: torch.Tensor, mask: torch.Tensor,
-                batch_size: int = 8) -> dict[int, dict]:
-    """Next-token loss with resid_pre ``layer`` replaced by its SAE's reconstruction.
+def loss_change(lm, saes: dict, rows: torch.Tensor, mask: torch.Tensor,
+                means: dict[int, torch.Tensor], batch_size: int = 4) -> dict[int, dict]:
+    """Next-token loss with resid_pre ``layer`` replaced by its SAE's reconstruction, and
+    with it replaced by the layer's mean residual (mean ablation: the scale the change
+    is read against).
 
-    saes: {resid_pre layer: SAE}, each checked to read that layer. ids (N, T) start
-    with BOS; mask (N, T - 2) marks, among positions 1 .. T - 2, those whose residual is
-    replaced and whose next token is scored (BOS is neither: the SAEs never saw it).
-    Per layer: the mean loss clean, spliced, and with the residual zeroed at those
-    positions (the scale against which the change is read).
+    saes: {resid_pre layer: SAE}, each checked to read that layer; means: {layer: (d,)}
+    the mean residual of the SAE's training tokens. rows (N, T) start with BOS, mask
+    (N, T) marks the recorded tokens (``residual_store.text_rows``): their residuals are
+    replaced, and each next token that is also recorded is scored.
+    Per layer: the mean loss clean, spliced, mean-ablated; ``delta_loss`` (spliced -
+    clean) and ``recovered``, the fraction of the mean-ablation gap the SAE keeps:
+    (mean-ablated - spliced) / (mean-ablated - clean).
     """
+    from .engine import check_batch_size
     from .models import resid_pre, trace
     from .saes import check_sae_site
 
+    check_batch_size(batch_size)
     for layer, sae in saes.items():
         check_sae_site(sae, lm, layer)
-    if mask.shape != (ids.shape[0], ids.shape[1] - 2):
-        raise ValueError(f"mask has shape {tuple(mask.shape)}; ids {tuple(ids.shape)} need "
-                         f"({ids.shape[0]}, {ids.shape[1] - 2}) (positions 1 .. T - 2)")
-    runs = [("clean", None)] + [(kind, layer) for layer in saes for kind in ("sae", "zero")]
+        if layer not in means:
+            raise ValueError(f"no mean residual for resid_pre {layer}: pass means[{layer}]")
+    if rows.dim() != 2 or mask.shape != rows.shape:
+        raise ValueError(f"mask has shape {tuple(mask.shape)}; rows {tuple(rows.shape)} need "
+                         "a mask of their own shape (build both with text_rows)")
+    scored = mask[:, :-1] & mask[:, 1:]                    # (N, T - 1): predicts token p + 1
+    if not scored.any():
+        raise ValueError("no token to score: every row needs two recorded tokens in a row")
+    runs = [("clean", None)] + [(kind, layer) for layer in saes for kind in ("sae", "mean")]
     losses = {run: [] for run in runs}
-    for start in range(0, ids.shape[0], batch_size):
-        x, m = ids[start:start + batch_size], mask[start:start + batch_size]
+    for start in range(0, rows.shape[0], batch_size):
+        x, m = rows[start:start + batch_size], mask[start:start + batch_size]
         inputs = {"input_ids": x, "attention_mask": torch.ones_like(x)}
+        targets = x[:, 1:]
         for kind, layer in runs:
             with trace(lm, inputs):
                 if layer is not None:
                     h = resid_pre(lm, layer)                              # (B, T, d)
-                    rows = h[:, 1:-1]
                     sae = saes[layer]
-                    new = sae.decode(sae.encode(rows.float())).to(rows.dtype) \
-                        if kind == "sae" else torch.zeros_like(rows)
-                    h[:, 1:-1] = torch.where(m[..., None].to(rows.device), new, rows)
-                logits = lm.output.logits[:, 1:-1].save()                 # (B, T - 2, V)
-            nll = torch.nn.functional.cross_entropy(
-                logits.float().transpose(1, 2), x[:, 2:].to(logits.device),
-                reduction="none")                                         # (B, T - 2)
-            losses[(kind, layer)].append(nll[m.to(nll.device)].cpu())
+                    new = (sae.decode(sae.encode(h.float())) if kind == "sae"
+                           else means[layer].to(h.device).float().expand(h.shape))
+                    h[:] = torch.where(m[..., None].to(h.device), new.to(h.dtype), h)
+                logits = lm.output.logits[:, :-1]                         # (B, T - 1, V)
+                nll = torch.nn.functional.cross_entropy(
+                    logits.float().transpose(1, 2), targets.to(logits.device),
+                    reduction="none").save()                              # (B, T - 1)
+            losses[(kind, layer)].append(nll.cpu()[scored[start:start + batch_size]])
     mean = {run: torch.cat(values).mean().item() for run, values in losses.items()}
     clean = mean[("clean", None)]
-    return {layer: {"loss_clean": clean, "loss_sae": mean[("sae", layer)],
-                    "loss_zero": mean[("zero", layer)],
-                    "delta_loss": mean[("sae", layer)] - clean} for layer in saes}
+    results = {}
+    for layer in saes:
+        spliced, ablated = mean[("sae", layer)], mean[("mean", layer)]
+        results[layer] = {"loss_clean": clean, "loss_sae": spliced, "loss_mean_ablated": ablated,
+                          "delta_loss": spliced - clean,
+                          "recovered": (ablated - spliced) / (ablated - clean)}
+    return results

@@ -4,8 +4,10 @@ SAE, the lambda sweep, and the reports on them."""
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import pandas as pd
+import torch
 
 from ..cache import cached_table, digest, result_key
 from ..cleanup import CleanupConfig, cleanup
@@ -19,8 +21,12 @@ from ..taskvec import task_vectors
 from .prompt_setup import (PromptConfig, TaskPrompts, build_task_prompts, layers_with_sae,
                            model_tasks, prompt_config)
 from .runner import baseline_table, cleanup_settings, run_per_layer
-from .schema import (CLEANED, DETECTOR, PURSUIT_START, RAW, RECON, START_VIEWS, TV, method_label,
-                     score_row)
+from .schema import (AT_CLEANED_NORM, BEST_SCALED, CLEANED, DETECTOR, PURSUIT_START, RANDOM, RAW,
+                     RECON, START_VIEWS, TUNED_TOP_COSINE, TUNED_TOP_ENCODING, TV, ZERO_SHOT,
+                     method_label, score_row)
+
+if TYPE_CHECKING:
+    from ..controls import ControlsConfig
 
 MIN_GAIN = 0.2      # a vector "works" at a layer when it lowers the NLL this much (relative)
 
@@ -147,6 +153,99 @@ def run_detector_sweep(lm, tasks, layers=None, prompt_cfg: PromptConfig | None =
                          cfg, batch_size, refresh, "detector")
 
 
+def run_controls_sweep(lm, tasks, layers=None, prompt_cfg: PromptConfig | None = None,
+                       cfg: CleanupConfig = CleanupConfig(),
+                       controls: ControlsConfig | None = None, batch_size: int = 32,
+                       refresh: bool = False) -> pd.DataFrame:
+    """The controls of ``tvlib.controls`` beside each task's cleaned TV at each layer (on
+    the cleanup's own training and held-out prompts), each (task, layer) cached.
+
+    Runs (or reads) ``run_cleanup_sweep`` with the same settings and returns its "scores"
+    rows (baselines, TV, its SAE encoding, the cleaned TV) followed by the controls' rows;
+    ``controls``: a ``ControlsConfig`` (None: its defaults). The hand-picked features are
+    tuned with ``cfg`` and the prompts' seed, as the cleanup was.
+    """
+    from ..controls import ControlsConfig, control_rows   # tvlib.controls reads .schema
+    controls = ControlsConfig() if controls is None else controls
+    if not isinstance(controls, ControlsConfig):
+        raise ValueError(f"controls must be a ControlsConfig, not {type(controls).__name__}")
+    prompt_cfg = prompt_cfg or prompt_config(lm)
+    layers = layers_with_sae(lm, layers)
+    cleaned = run_cleanup_sweep(lm, tasks, layers, prompt_cfg, cfg, batch_size, refresh)
+    features = cleaned["features"]
+    saes = SAEShelf(lm.preset)
+
+    def compute(prompts: TaskPrompts, missing) -> dict[int, pd.DataFrame]:
+        name = prompts.task.name
+        tvs = task_vectors(lm, prompts.few_shot, missing, batch_size=batch_size)
+        out = {}
+        for layer, tv in zip(missing, tvs):
+            sae = saes[layer]
+            kept = features[(features.task == name) & (features.layer == layer)]
+            weights = torch.zeros(sae.cfg.d_sae)                            # (F,)
+            weights[torch.tensor(kept.feature.tolist(), dtype=torch.long)] = torch.tensor(
+                kept.cleaned_weight.tolist(), dtype=torch.float32)
+            out[layer] = control_rows(lm, sae, name, layer, tv, weights, prompts.train,
+                                      prompts.zero_shot, cfg, controls, prompt_cfg.seed,
+                                      batch_size)
+        return out
+
+    rows = run_per_layer("cleanup_controls", lm, tasks, layers, prompt_cfg,
+                         {"cleanup": cleanup_settings(cfg), "controls": controls}, compute,
+                         refresh, baselines=None)
+    return pd.concat([cleaned["scores"], rows], ignore_index=True)
+
+
+CONTROL_COLUMNS = {BEST_SCALED: "best-scaled TV nll", AT_CLEANED_NORM: "TV at cleaned norm nll",
+                   TUNED_TOP_COSINE: "tuned top-cosine nll",
+                   TUNED_TOP_ENCODING: "tuned top-encoding nll"}
+
+
+def _refuse_repeats(rows: pd.DataFrame, column: str, fix: str) -> None:
+    """Refuse rows that repeat a (task, layer, ``column``): a report would average them."""
+    repeated = rows.duplicated(["task", "layer", column])
+    if repeated.any():
+        first = rows[repeated].iloc[0]
+        raise ValueError(f"{int(repeated.sum())} rows repeat a (task, layer, method), e.g. "
+                         f"({first.task!r}, {first.layer}, {first.method!r}): {fix}")
+
+
+def controls_report(scores: pd.DataFrame) -> pd.DataFrame:
+    """Per (task, layer), from ``run_controls_sweep``'s table: the cleaned TV's held-out NLL
+    beside the TV, the zero-shot baseline and every control (random directions: mean and
+    sample standard deviation over seeds), with the features cleanup kept (k) and the
+    scale chosen on the training prompts."""
+    layered = scores[scores.layer.notna()]
+    _refuse_repeats(layered, "method", "pass the table of one run_controls_sweep")
+    tv = layered[layered.vector == TV]
+    missing = [v for v in (RAW, CLEANED, BEST_SCALED) if v not in set(tv.view)]
+    if missing:
+        raise ValueError(f"no rows of views {missing}: pass the table of run_controls_sweep")
+    index = ["task", "layer"]
+    view = lambda name: tv[tv.view == name].set_index(index)           # noqa: E731
+    zero = scores[scores.view == ZERO_SHOT].drop_duplicates("task").set_index("task").nll
+    cleaned, best = view(CLEANED), view(BEST_SCALED)
+    report = pd.DataFrame({"features (cleaned)": cleaned.l0.astype(int)})
+    report["zero-shot nll"] = [zero.get(task, float("nan")) for task, _ in report.index]
+    report["TV nll"] = view(RAW).nll
+    report["cleaned nll"] = cleaned.nll
+    report["best scale"] = best.scale
+    for name, column in CONTROL_COLUMNS.items():
+        report[column] = view(name).nll
+    random = layered[layered.vector == RANDOM].groupby(index).nll
+    report["random nll (mean)"], report["random nll (sd)"] = random.mean(), random.std()
+    return report.rename(index=int, level="layer")
+
+
+def controls_summary(report: pd.DataFrame) -> str:
+    """One line: for how many (task, layer) the cleaned TV's NLL is below each control's."""
+    columns = {"TV nll": "TV", **{c: c.removesuffix(" nll") for c in CONTROL_COLUMNS.values()},
+               "random nll (mean)": "random (mean)"}
+    counts = [f"{name} {int((report['cleaned nll'] < report[column]).sum())}"
+              f"/{int(report[column].notna().sum())}" for column, name in columns.items()]
+    return "cleaned TV below: " + ", ".join(counts)
+
+
 def cleanup_report(scores: pd.DataFrame, label: str = TV) -> pd.DataFrame:
     """Per (task, layer): features before/after cleanup and whether cleaned loss <= raw loss."""
     layered = scores[(scores.vector == label) & scores.layer.notna()]
@@ -156,12 +255,8 @@ def cleanup_report(scores: pd.DataFrame, label: str = TV) -> pd.DataFrame:
                          f"{starts.method.tolist()}: pass the scores of one cleaning sweep")
     start, view = starts.method.iloc[0], starts.view.iloc[0]
     start_name = "SAE encoding" if view == RECON else start.removesuffix(f" of {label}")
-    repeated = layered.duplicated(["task", "layer", "view"])
-    if repeated.any():
-        first = layered[repeated].iloc[0]
-        raise ValueError(f"{int(repeated.sum())} rows repeat a (task, layer, method), e.g. "
-                         f"({first.task!r}, {first.layer}, {first.method!r}): pass the scores of "
-                         "one sweep (tables from several sweeps would be averaged)")
+    _refuse_repeats(layered, "view", "pass the scores of one sweep (tables from several "
+                    "sweeps would be averaged)")
     table = layered.pivot_table(index=["task", "layer"], columns="view",
                                 values=["nll", "l0"], sort=False)
     report = pd.DataFrame({
