@@ -221,4 +221,5 @@ def test_build_writes_saes_corpus_and_card_beside_the_preset(tmp_path):
     again = build(str(folder), cfg, cache_dir=tmp_path / "cache", prose=prose,
                   log=messages.append)
     assert not any("sampled chunk" in m for m in messages)
+    assert not any("training on" in m for m in messages)     # trained SAEs kept as finished
     assert again["saes"][0]["prose"]["fvu"] == pytest.approx(card["saes"][0]["prose"]["fvu"])

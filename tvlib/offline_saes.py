@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .cache import write_atomic
+from .cache import digest, write_atomic
 from .generated_text import GenerationConfig, generate
 from .models import load_model, model_source
 from .paths import REPO_ROOT
@@ -44,6 +44,7 @@ from .saes import check_sae_site
 
 MODEL_SOURCE = "model-written"        # the corpus's name for the model's own text
 HELDOUT_SETS = ("model-written", "prose")
+TRAINED_FORMAT = 1      # bump when training changes: SAEs kept by earlier builds are retrained
 
 
 @dataclass(frozen=True)
@@ -162,8 +163,18 @@ def build(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = BuildCon
             training = dataclasses.replace(cfg.training, seed=cfg.training.seed + layer)
             resid = read_layer(stores["train"], layer)
             means[layer] = resid.float().mean(0)
-            log(f"layer {layer}: training on {resid.shape[0]} residuals")
-            sae = train_sae(resid, f"blocks.{block}.hook_resid_post", training, log=log)
+            hook = f"blocks.{block}.hook_resid_post"
+            # each trained SAE is kept as it finishes: an interrupted build keeps its layers
+            key = digest({"format": TRAINED_FORMAT, "training": asdict(training), "hook": hook})
+            trained = cache_dir / "trained" / f"{stores['train'].name}-{key}"
+            if (trained / "cfg.json").is_file():
+                from sae_lens import SAE
+                sae = SAE.load_from_disk(str(trained), device="cpu")
+                log(f"layer {layer}: trained SAE read from {trained}")
+            else:
+                log(f"layer {layer}: training on {resid.shape[0]} residuals")
+                sae = save_sae(train_sae(resid, hook, training, log=log), trained,
+                               training.save_dtype)
             del resid
             sae.cfg.metadata.model_name = preset.name
             # measured as saved (matrices in save_dtype), not as trained
