@@ -17,6 +17,8 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	@# committed notebooks stay output-free: git strips outputs on add (.gitattributes)
+	if git rev-parse --git-dir >/dev/null 2>&1; then $(VENV)/bin/nbstripout --install; fi
 	touch $@
 
 # $(call run_notebooks,OUTPUT FOLDER,PAPERMILL OPTIONS,ENVIRONMENT): every notebook top to

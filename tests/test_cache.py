@@ -301,4 +301,4 @@ def test_a_shelf_of_another_presets_saes_is_refused(toy_lm):
     prompts = build_task_prompts(toy_lm.tokenizer, model_tasks(toy_lm, ["antonyms"])["antonyms"],
                                  PromptConfig(n_prompts=4, n_shots=4, n_eval=6, n_train=6))
     with pytest.raises(ValueError, match="preset 'toy-elsewhere'.*loaded as preset 'toy'"):
-        sae_view_layers(toy_lm, prompts, [2], saes=SAEShelf(other, "cpu"))
+        dict(sae_view_layers(toy_lm, prompts, [2], saes=SAEShelf(other, "cpu")))

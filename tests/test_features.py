@@ -217,3 +217,23 @@ def test_html_shows_promoted_and_suppressed_tokens(toy_lm, corpus):
         examples_html(toy_lm.tokenizer, corpus, reading.top, logits=reading.top)
     with pytest.raises(ValueError, match="n_logits must be a positive int"):
         examples_html(toy_lm.tokenizer, corpus, reading.top, logits=logits, n_logits=0)
+
+
+@pytest.mark.parametrize("tokenizer_name", ["word_tokenizer", "bpe_tokenizer"])
+def test_feature_contexts_read_as_the_text_was_written(tokenizer_name, request):
+    """The highlighted token used to be decoded alone, losing its space: 'attack->defend',
+    'asleepisawake'."""
+    from tvlib.features import context
+    tokenizer = request.getfixturevalue(tokenizer_name)
+    text = "the opposite of attack is defend" if tokenizer_name == "word_tokenizer" \
+        else "hot -> cold\nbig -> small"
+    ids = torch.tensor(tokenizer(text)["input_ids"])
+    special = set(tokenizer.all_special_ids)
+    whole = tokenizer.decode([i for i in ids.tolist() if i not in special])
+    for token in range(len(ids)):
+        if int(ids[token]) in special:
+            continue
+        before, tok, after = context(tokenizer, ids, token, left=len(ids), right=len(ids))
+        assert before + tok + after == whole
+    before, tok, after = context(tokenizer, ids, len(ids) - 1)
+    assert tok.strip() and tok.startswith(" ")       # its space kept before it

@@ -249,7 +249,7 @@ def test_offline_model_converts_once_then_reuses(fake_package, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["stale_sha", "no_record", "truncated_weights", "missing_tokenizer",
-                                    "bad_record"])
+                                    "bad_record", "same_size_weights", "sizes_only_record"])
 def test_offline_model_rebuilds_a_stale_or_damaged_folder(fake_package, tmp_path, damage):
     calls, sha = fake_package
     folder = offline_gemma3_270m(tmp_path / "gemma-3-270m", expected_sha256=sha)
@@ -265,6 +265,20 @@ def test_offline_model_rebuilds_a_stale_or_damaged_folder(fake_package, tmp_path
             f.truncate(100)
     elif damage == "missing_tokenizer":
         (folder / "tokenizer.json").unlink()
+    elif damage == "same_size_weights":          # damaged in place, size and mtime kept
+        path = folder / "model.safetensors"
+        stat = path.stat()
+        with open(path, "r+b") as f:
+            f.seek(stat.st_size - 8)
+            tail = f.read(8)
+            f.seek(stat.st_size - 8)
+            f.write(bytes(255 - b for b in tail))
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert path.stat().st_size == stat.st_size
+    elif damage == "sizes_only_record":          # written before files had a sha256
+        record = json.loads(record_path.read_text())
+        record["files"] = {name: f["size"] for name, f in record["files"].items()}
+        record_path.write_text(json.dumps(record))
     else:
         record_path.write_text("{not json")
     assert conversion_problem(folder, sha) is not None

@@ -35,8 +35,10 @@ def test_notebook_smoke(notebook: Path, preset, tmp_path, monkeypatch, request):
                                parameters={"SMOKE": True, "PRESET": preset}, kernel_name="python3",
                                progress_bar=False, cwd=str(REPO_ROOT / "notebooks"))
     for suffix in ("png", "pdf"):   # "{stem}.png", or "{stem}_{part}.png" for several
-        figures = list((tmp_path / "figures").glob(f"{notebook.stem}*.{suffix}"))
+        figures = list((tmp_path / "figures" / "smoke").glob(f"{notebook.stem}*.{suffix}"))
         assert figures and all(f.stat().st_size > 1000 for f in figures)
+    # a smoke run never writes where the full run's figures live
+    assert [p.name for p in (tmp_path / "figures").iterdir()] == ["smoke"]
     # the second run reads every result from the cache
     tables = list((tmp_path / "cache").rglob("*.parquet"))
     assert tables
@@ -52,7 +54,9 @@ def check_outputs(executed: Path) -> None:
         kinds = {kind for out in cell.outputs for kind in out.get("data", {})}
         assert "image/png" in kinds, cell.source
     streams = "".join(out.get("text", "") for c in cells for out in c.outputs)
-    assert "IProgress not found" not in streams and "figures/" not in streams
+    assert "IProgress not found" not in streams
+    saved = "".join(out.get("text", "") for c in saving for out in c.outputs)
+    assert "figures/" not in saved
 
 
 def test_zero_shots_in_a_notebook_is_refused_not_replaced(tmp_path, monkeypatch):
@@ -64,6 +68,19 @@ def test_zero_shots_in_a_notebook_is_refused_not_replaced(tmp_path, monkeypatch)
                                    parameters={"SMOKE": True, "N_SHOTS": 0},
                                    kernel_name="python3", progress_bar=False,
                                    cwd=str(REPO_ROOT / "notebooks"))
+
+
+def test_a_flag_given_as_text_is_refused(tmp_path, monkeypatch):
+    """papermill -p SMOKE false passes the string "false", which Python reads as true:
+    it used to run in smoke mode and overwrite the figures."""
+    import papermill
+    monkeypatch.setenv("TVLIB_FIGURES_DIR", str(tmp_path / "figures"))
+    monkeypatch.setenv("TVLIB_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(papermill.PapermillExecutionError, match="SMOKE='false' is a str"):
+        papermill.execute_notebook(str(NOTEBOOKS[0]), str(tmp_path / "out.ipynb"),
+                                   parameters={"SMOKE": "false"}, kernel_name="python3",
+                                   progress_bar=False, cwd=str(REPO_ROOT / "notebooks"))
+    assert not (tmp_path / "figures").exists()
 
 
 @pytest.mark.parametrize("settings", sorted((REPO_ROOT / "notebooks" / "settings").iterdir()),
@@ -83,3 +100,19 @@ def test_settings_files_set_parameters_of_their_notebook(settings):
         names = {t.id for node in ast.parse(cell.source).body for t in node.targets}
         values = yaml.safe_load(file.read_text())
         assert values and set(values) <= names, (file.name, set(values) - names)
+
+
+def test_committed_notebooks_hold_no_outputs():
+    """Outputs belong to a run, not to the repository: what git holds (the index, which
+    the nbstripout filter cleans on add) has no outputs and no execution counts."""
+    import json
+    import subprocess
+    for notebook in NOTEBOOKS:
+        relative = notebook.relative_to(REPO_ROOT).as_posix()
+        try:
+            text = subprocess.run(["git", "show", f":{relative}"], cwd=REPO_ROOT, check=True,
+                                  capture_output=True, text=True).stdout
+        except (OSError, subprocess.CalledProcessError):     # not a git checkout
+            text = notebook.read_text(encoding="utf-8")
+        cells = [c for c in json.loads(text)["cells"] if c["cell_type"] == "code"]
+        assert all(not c["outputs"] and c["execution_count"] is None for c in cells), relative

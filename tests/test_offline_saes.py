@@ -2,6 +2,7 @@
 the card's measurements, and the build that writes them beside a preset."""
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from tvlib.cache import CacheWarning
 from tvlib.generated_text import GenerationConfig, chunk_folder, generate
 from tvlib.models import load_model
 from tvlib.saes import load_sae
-from tvlib.offline_saes import BuildConfig, build
+from tvlib.offline_saes import BuildConfig, build, choose, training_rows
 from tvlib.paths import TOY_DIR
 from tvlib.sae_training import SAETrainingConfig, loss_change, sae_quality, save_sae, train_sae
 from tvlib.standins import make_standin
@@ -183,11 +184,22 @@ def test_build_writes_saes_corpus_and_card_beside_the_preset(tmp_path):
     preset = make_standin("gemma-3-270m-offline", folder)
     texts = json.loads((TOY_DIR / "corpus.json").read_text(encoding="utf-8"))
     prose = {"facts": texts[:300], "patterns": texts[300:600]}
+    swept = (SAETrainingConfig(width=96, k=8, batch_tokens=64, epochs=1),
+             SAETrainingConfig(width=128, k=8, batch_tokens=64, epochs=2))
     cfg = BuildConfig(GenerationConfig(n_texts=16, batch_size=8),
                       SAETrainingConfig(width=128, k=8, batch_tokens=64, epochs=2),
                       max_share=0.7, heldout_fraction=0.2, train_tokens=3000, context=32,
-                      heldout_rows=12, loss_rows=4, corpus_texts=3)
+                      heldout_rows=12, loss_rows=4, corpus_texts=3, model_share=0.3,
+                      sweep=swept, sweep_tokens=1000)
     card = build(str(folder), cfg, cache_dir=tmp_path / "cache", prose=prose, log=lambda _: None)
+    # the sweep: every setting at the last layer on the first 1,000 tokens, the best chosen
+    assert [row["training"] for row in card["sweep"]] == [asdict(t) for t in swept]
+    assert {row["layer"] for row in card["sweep"]} == {preset.resid_pre_layers_with_sae()[-1]}
+    assert {row["train_tokens"] for row in card["sweep"]} == {1000}
+    chosen = choose(card["sweep"])
+    assert chosen in swept and card["build"]["chosen_training"] == asdict(chosen)
+    drawn = card["corpus"]["drawn"]["model-written"]
+    assert 0.25 * 3000 < drawn["drawn_tokens"] <= 0.3 * 3000
     assert (folder / "preset.json").exists() and (folder / "model").is_dir()   # kept
     assert [row["layer"] for row in card["saes"]] == list(preset.resid_pre_layers_with_sae())
     assert set(card["corpus"]["sources"]) == {"facts", "patterns", "model-written"}
@@ -200,14 +212,14 @@ def test_build_writes_saes_corpus_and_card_beside_the_preset(tmp_path):
     for row in card["saes"]:
         sae = load_sae(str(folder), row["layer"], device="cpu")     # site checked on load
         assert sae.cfg.metadata.hook_name == f"blocks.{row['layer'] - 1}.hook_resid_post"
-        assert sae.cfg.d_sae == 128                                 # the stand-in's replaced
+        assert sae.cfg.d_sae == chosen.width                        # the stand-in's replaced
         for name in ("model-written", "prose"):
             m = row[name]
             assert 0 <= m["dead_fraction"] <= 1 and m["fvu"] >= 0
             assert m["recovered"] == pytest.approx(
                 (m["loss_mean_ablated"] - m["loss_sae"])
                 / (m["loss_mean_ablated"] - m["loss_clean"]))
-        assert row["seed"] == cfg.training.seed + row["layer"]
+        assert row["seed"] == chosen.seed + row["layer"]
         site = Path(preset.sae_dir) / preset.sae_id.format(layer=row["layer"] - 1)
         record = json.loads((site / "training.json").read_text())
         assert record["card"] == row and record["preset"] == preset.name
@@ -215,7 +227,8 @@ def test_build_writes_saes_corpus_and_card_beside_the_preset(tmp_path):
     assert set(card["previous_saes"]) == {row["layer"] for row in card["saes"]}
     assert not list(folder.glob("*-previous"))
     text = (folder / "MODEL_CARD.md").read_text()
-    assert "| 1 | prose | 128 |" in text and "The SAEs these replaced" in text
+    assert f"| 1 | prose | {chosen.width} |" in text and "The SAEs these replaced" in text
+    assert "## Sweep" in text
     assert lm.preset.name == "gemma-3-270m-offline-standin"
     messages = []                       # a re-run reads the sampled text and the residuals
     again = build(str(folder), cfg, cache_dir=tmp_path / "cache", prose=prose,
@@ -223,3 +236,31 @@ def test_build_writes_saes_corpus_and_card_beside_the_preset(tmp_path):
     assert not any("sampled chunk" in m for m in messages)
     assert not any("training on" in m for m in messages)     # trained SAEs kept as finished
     assert again["saes"][0]["prose"]["fvu"] == pytest.approx(card["saes"][0]["prose"]["fvu"])
+
+
+class _WordTokenizer:
+    """Whitespace words as ids: enough for text_rows."""
+    bos_token_id, pad_token_id, all_special_ids = 1, 0, [0, 1]
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [[100 + len(w) for w in t.split()] for t in texts]}
+
+
+def test_training_rows_give_model_written_text_its_share_repeating_it_evenly():
+    model = [" ".join(["m"] * 20)] * 1 + [" ".join(["mm"] * 20)]   # 2 rows of 20 tokens
+    prose = [" ".join(["ppp"] * 20) for _ in range(50)]             # 50 rows of 20
+    mix = {"train": [("model-written", t) for t in model] + [("prose", t) for t in prose]}
+    cfg = BuildConfig(train_tokens=400, model_share=0.5, context=32)
+    (rows, mask), drawn = training_rows(_WordTokenizer(), mix, cfg, torch.Generator().manual_seed(0))
+    assert drawn["model-written"] == {"available_tokens": 40, "drawn_tokens": 200, "passes": 5.0}
+    assert drawn["prose"]["drawn_tokens"] == 200 and int(mask.sum()) == 400
+    first = rows[:, 1]
+    assert int((first == 101).sum()) == 5 and int((first == 102).sum()) == 5   # 5 passes each
+    assert int((first == 103).sum()) == 10                    # prose: distinct rows, no repeat
+    assert not (rows[:, 0] != 1).any()                         # BOS first
+    # a share of 0 draws only prose; a share above the budget's reach keeps the budget
+    _, drawn = training_rows(_WordTokenizer(), mix, BuildConfig(train_tokens=400, model_share=0.0,
+                             context=32), torch.Generator().manual_seed(0))
+    assert drawn["model-written"]["drawn_tokens"] == 0 and drawn["prose"]["drawn_tokens"] == 400
+    again = training_rows(_WordTokenizer(), mix, cfg, torch.Generator().manual_seed(0))[0]
+    assert torch.equal(again[0], rows)                         # seeded

@@ -189,7 +189,7 @@ def test_missing_hub_files_give_one_clear_error(tmp_path, monkeypatch):
         load_model("gemma-2b", device="cpu")
     message = str(err.value)
     for part in ("'google/gemma-2b'", "licence", "hf auth login", "hf download google/gemma-2b",
-                 "HF_HOME", "HF_HUB_OFFLINE"):
+                 "HF_HOME", "HF_HUB_OFFLINE", "PRESET = 'toy'", "'gemma-3-270m-offline'"):
         assert part in message
     with pytest.raises(hub.HubUnavailableError, match="jbloom/GPT2-Small-SAEs-Reformatted"):
         load_sae("gpt2", 3, device="cpu")

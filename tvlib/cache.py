@@ -2,11 +2,13 @@
 
 The key (``result_key``) is built in one place for every cached experiment. It
 holds the experiment's name and configuration, a digest of every file of the
-model (weights, config, tokenizer), a digest of every file of each SAE used and
-how it was loaded, the model's dtype and device kind, the versions of the
-libraries that compute, and ``RESULT_FORMAT``. Any change to one of them is a
-different entry: a cache never serves numbers computed from other weights, SAEs
-or settings.
+model (weights, config, tokenizer) and a fingerprint of its weights as they are in
+memory (an ablated or patched model is another model), a digest of every file of
+each SAE used and how it was loaded, the model's dtype and device kind, a digest of
+the tvlib source that computes results (``fingerprints.code_fingerprint``), the
+versions of the libraries that compute, and ``RESULT_FORMAT``. Any change to one of
+them is a different entry: a cache never serves numbers computed from other
+weights, SAEs, settings or code.
 
 An entry is ``{cache_dir}/{experiment}/{hash}.{part}.parquet`` beside
 ``{hash}.json``, the record, written last: it holds the full key and the
@@ -33,10 +35,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from .fingerprints import code_fingerprint, file_digest, folder_digest  # noqa: F401
 from .paths import CACHE_DIR
 
-# Bump when a change to tvlib changes the numbers an experiment produces for the
-# same model, SAEs and configuration: older entries are then never read.
+# Bump when what an entry holds changes (its tables, its record). Edits to the code
+# that computes are in the key already (``code_fingerprint``).
 RESULT_FORMAT = 5
 LIBRARIES = ("torch", "transformers", "tokenizers", "nnsight", "sae-lens")
 
@@ -64,47 +67,6 @@ def _canonical(obj) -> str:
     return json.dumps(obj, sort_keys=True, default=plain)
 
 
-# ---------------------------------------------------------------- file digests
-
-_FILE_DIGESTS: dict[tuple, str] = {}
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes, remembered while its size and mtime stay the same.
-
-    A file in the Hugging Face hub cache is a link to a blob named by its
-    content hash; that name is used without reading the file.
-    """
-    path = Path(path)
-    target = path.resolve()
-    if path.is_symlink() and target.parent.name == "blobs":
-        return f"blob:{target.name}"
-    stat = target.stat()
-    memo = (str(target), stat.st_size, stat.st_mtime_ns)
-    if memo not in _FILE_DIGESTS:
-        sha = hashlib.sha256()
-        with open(target, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                sha.update(block)
-        _FILE_DIGESTS[memo] = sha.hexdigest()
-    return _FILE_DIGESTS[memo]
-
-
-def folder_digest(folder: Path) -> str:
-    """A digest of every file under ``folder`` (hidden files and folders left out)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"cannot fingerprint {folder}: not a folder")
-    entries = {}
-    for path in sorted(folder.rglob("*")):
-        relative = path.relative_to(folder)
-        if path.is_file() and not any(part.startswith(".") for part in relative.parts):
-            entries[str(relative)] = file_digest(path)
-    if not entries:
-        raise FileNotFoundError(f"cannot fingerprint {folder}: it holds no files")
-    return digest(entries)
-
-
 # ---------------------------------------------------------------- the key
 
 def result_key(experiment: str, lm, sae_layers: Iterable[int] = (), **config) -> dict:
@@ -117,7 +79,7 @@ def result_key(experiment: str, lm, sae_layers: Iterable[int] = (), **config) ->
     from .models import model_identity
     from .saes import sae_identity
     return {"format": RESULT_FORMAT, "experiment": experiment,
-            "model": model_identity(lm),
+            "model": model_identity(lm), "code": code_fingerprint(),
             "saes": {str(layer): sae_identity(lm.preset, layer)
                      for layer in sorted(set(sae_layers))},
             "libraries": {name: version(name) for name in LIBRARIES},
@@ -236,20 +198,30 @@ def cached_tables(key: dict, compute: Callable[[], dict[str, pd.DataFrame]],
     return stored if stored is not None else _store(key, compute(), cache_dir)
 
 
-def cached_groups(keys: dict, compute: Callable[[list], dict], cache_dir: Path | None = None,
-                  refresh: bool = False) -> dict:
+def cached_groups(keys: dict, compute: Callable[[list], Iterable | dict],
+                  cache_dir: Path | None = None, refresh: bool = False) -> dict:
     """Several entries at once, ``{id: key}`` -> ``{id: tables}``: stored entries are read,
-    the missing ones computed by one call ``compute([ids])`` -> ``{id: tables}`` (e.g. the
-    layers of a sweep not yet run) and stored each under its own key."""
+    the missing ones computed by one call ``compute([ids])`` (e.g. the layers of a sweep
+    not yet run) and stored each under its own key.
+
+    ``compute`` returns ``{id: tables}``, or yields ``(id, tables)`` pairs: each is then
+    stored as it arrives, so an interrupt or an error keeps the ids finished before it.
+    """
     found = {i: None if refresh else _lookup(key, cache_dir) for i, key in keys.items()}
     missing = [i for i, tables in found.items() if tables is None]
     if missing:
         computed = compute(missing)
-        if not isinstance(computed, dict) or set(computed) != set(missing):
-            raise TypeError(f"the computation of {missing} must return a dict with exactly "
-                            f"those keys, not {sorted(computed) if isinstance(computed, dict) else computed!r}")
-        for i in missing:
-            found[i] = _store(keys[i], computed[i], cache_dir)
+        pairs = computed.items() if isinstance(computed, dict) else computed
+        done = []
+        for i, tables in pairs:
+            if i not in missing or i in done:
+                raise TypeError(f"the computation of {missing} gave {i!r}, which it was not "
+                                "asked for or gave twice")
+            found[i] = _store(keys[i], tables, cache_dir)
+            done.append(i)
+        if set(done) != set(missing):
+            raise TypeError(f"the computation of {missing} must give each of them once; it "
+                            f"gave {done}")
     return found
 
 

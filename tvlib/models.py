@@ -34,11 +34,11 @@ def load_model(preset: str | Preset, device: str | None = None, device_map: str 
     """
     preset = get_preset(preset)
     source = model_source(preset)
-    local_dir = Path(source).is_dir()
-    if preset.name == "toy" and not local_dir:
+    if preset.name == "toy" and not Path(source).is_dir():
         raise FileNotFoundError(
             f"the embedded model is missing from {preset.model_id}; restore data/toy from "
             "git or rebuild it with `python -m tvlib.toy train`")
+    local_dir = _is_local(source)
     with nullcontext() if local_dir else hub_files(preset.model_id, "model"):
         lm = _load(source, device, device_map, remote, dtype, preset)
     lm.tokenizer.padding_side = "left"
@@ -49,6 +49,24 @@ def load_model(preset: str | Preset, device: str | None = None, device_map: str 
     lm.preset = preset
     lm.remote = remote
     return lm
+
+
+def _is_local(source: str) -> bool:
+    """Whether ``source`` is a local folder (an absolute path: presets and preset.json
+    resolve theirs) or a hub id. transformers reads a folder named like a hub id from
+    the working directory before the hub: such a folder is refused, never used."""
+    path = Path(source)
+    if path.is_absolute():
+        if not path.is_dir():
+            raise FileNotFoundError(f"the model folder {source} does not exist")
+        return True
+    if path.exists():
+        raise ValueError(
+            f"the working directory {Path.cwd()} holds {source!r}, which transformers would "
+            f"load instead of the hub model {source!r}: rename or move it, or run from "
+            "another directory; to use that folder as the model, name it by its absolute "
+            "path in a preset.json")
+    return False
 
 
 def _load(source: str, device, device_map, remote, dtype, preset: Preset):
@@ -237,21 +255,25 @@ def resid_pre(lm, layer: int):
 
 
 def model_identity(lm) -> dict:
-    """What the model's results depend on: its files, dtype, device kind (cache keys).
+    """What the model's results depend on: its files, its weights as they are in
+    memory, dtype, device kind (cache keys).
 
     Every file of the model's folder counts (weights, config, tokenizer); hub
-    models are read from their cached snapshot.
+    models are read from their cached snapshot. The in-memory fingerprint
+    (``fingerprints.weights_fingerprint``) tells an edited model from its files.
     """
     preset = lm.preset
     source = Path(model_source(preset))
-    if not source.is_dir():
+    if not _is_local(str(source)):
         from .hub import cached_snapshot
         source = cached_snapshot(preset.model_id)
         if source is None:
             raise FileNotFoundError(f"the files of {preset.model_id!r} are not in the local hub "
                                     "cache: load the model with load_model first")
-    from .cache import folder_digest
+    from .fingerprints import folder_digest, weights_fingerprint
     remote = getattr(lm, "remote", False)
-    return {"model_id": preset.model_id, "files": folder_digest(source),
+    # a remote model's weights are NDIF's, read from the files; a local one's as edited
+    weights = "remote" if remote is True else weights_fingerprint(lm._module)
+    return {"model_id": preset.model_id, "files": folder_digest(source), "weights": weights,
             "dtype": str(model_dtype(lm)).removeprefix("torch."),
             "device": "remote" if remote is True else model_device(lm).type}

@@ -6,10 +6,13 @@
    prose that installs as packages (tvlib.prose_text); duplicates dropped, no source
    above ``max_share`` of the training tokens, held-out texts split off by whole
    document (``prose_text.mix_documents``). Two held-out sets: model-written and prose.
-2. Residuals of the training rows (at most ``train_tokens``) and of both held-out sets,
-   recorded by batched prefill into resumable on-disk stores (tvlib.residual_store).
-3. One BatchTopK SAE per layer of the preset, trained with sae-lens on the training
-   residuals (tvlib.sae_training) and saved where the preset reads its SAEs.
+2. Residuals of the training rows (``train_tokens``, ``model_share`` of them
+   model-written) and of both held-out sets, recorded by batched prefill into
+   resumable on-disk stores (tvlib.residual_store).
+3. A sweep: each of ``SWEEP``'s settings trained at one layer on part of the training
+   tokens, measured on both held-out sets; the best (lowest mean Δ loss) then trains
+   one BatchTopK SAE per layer of the preset with sae-lens (tvlib.sae_training), saved
+   where the preset reads its SAEs.
 4. On each held-out set: FVU, L0, dead fraction, and the next-token loss with the
    reconstruction spliced in against clean and mean-ablated; the SAEs that were in
    place before are measured the same way, so the card shows both. A sample of the
@@ -17,7 +20,8 @@
    (``corpus.json``): text the SAEs never saw.
 Everything is written into a scratch folder and moved into place when complete; other
 files in the output folder are left alone. Sampled text and recorded residuals are
-cached (``--cache``), so an interrupted build resumes where it stopped.
+cached (``--cache``), and so is each trained SAE as it finishes: an interrupted build
+resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -47,14 +51,33 @@ HELDOUT_SETS = ("model-written", "prose")
 TRAINED_FORMAT = 1      # bump when training changes: SAEs kept by earlier builds are retrained
 
 
+# Settings measured before the build (``sweep``): the pilot's (4,096 wide, batches of 4,096:
+# under a hundred steps per 400k tokens), more steps (smaller batches), a higher learning
+# rate, half the width, more active features.
+SWEEP = (
+    SAETrainingConfig(width=4096, k=40.0, lr=1e-3, batch_tokens=4096, epochs=1),
+    SAETrainingConfig(width=4096, k=40.0, lr=1e-3, batch_tokens=1024, epochs=1),
+    SAETrainingConfig(width=4096, k=40.0, lr=3e-3, batch_tokens=1024, epochs=1),
+    SAETrainingConfig(width=2048, k=40.0, lr=3e-3, batch_tokens=1024, epochs=1),
+    SAETrainingConfig(width=4096, k=64.0, lr=3e-3, batch_tokens=1024, epochs=1),
+)
+
+
 @dataclass(frozen=True)
 class BuildConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
-    # 4,096 features, k = 40, one pass: a measured pilot's setting (README), not yet a sweep's
+    # used as given when ``sweep`` is empty (else the sweep's best is)
     training: SAETrainingConfig = field(
         default_factory=lambda: SAETrainingConfig(width=4096, k=40.0, epochs=1))
     prose_sources: tuple[str, ...] | None = None   # None: every source of tvlib.prose_text
     max_share: float = 0.4          # no source above this share of the training tokens
+    # The model's own text is a small corpus next to the prose (sampling is slow on a
+    # CPU), yet the notebooks read the model on text like it: its rows get this share of
+    # the training budget, repeated (a new shuffle each pass) when there are fewer.
+    model_share: float = 0.3
+    sweep: tuple[SAETrainingConfig, ...] = SWEEP   # () to train with ``training`` as given
+    sweep_layer: int | None = None  # resid_pre; None: the preset's last SAE layer
+    sweep_tokens: int = 400_000     # the sweep trains on this many of the training tokens
     heldout_fraction: float = 0.05  # of each source's documents, kept whole
     train_tokens: int = 10_000_000  # training residuals at most (rows drawn at random)
     context: int = 128              # tokens per row, BOS included
@@ -79,34 +102,78 @@ def _draw_rows(rows, mask, budget: int | None, generator) -> tuple[torch.Tensor,
     """Rows in a seeded random order, as many as fit in ``budget`` counted tokens."""
     order = torch.randperm(rows.shape[0], generator=generator)
     rows, mask = rows[order], mask[order]
-    if budget is not None:
-        keep = int((mask.sum(1).cumsum(0) <= budget).sum())
-        rows, mask = rows[:keep], mask[:keep]
-    return rows, mask
+    return (rows, mask) if budget is None else _first_within(rows, mask, budget)
 
 
-def build(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = BuildConfig(),
-          out_dir: Path | None = None, cache_dir: Path = REPO_ROOT / ".cache",
-          device: str = "cpu", prose: dict[str, list[str]] | None = None, log=print) -> dict:
-    """Build the preset's SAEs and corpus into ``out_dir`` (default: the preset's folder).
+def _draw_repeated(rows, mask, budget: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows in seeded random orders, pass after pass, as many as fit in ``budget``
+    counted tokens: every row is drawn once before any row is drawn again."""
+    if budget <= 0 or not rows.shape[0] or not int(mask.sum()):
+        return rows[:0], mask[:0]
+    passes = -(-budget // int(mask.sum()))                 # ceil: enough passes to fill it
+    orders = torch.cat([torch.randperm(rows.shape[0], generator=generator)
+                        for _ in range(passes)])
+    return _first_within(rows[orders], mask[orders], budget)
 
-    prose: {source: documents} instead of the packaged sources (your own text, tests).
-    """
+
+def _first_within(rows, mask, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The longest prefix of the rows whose counted tokens fit in ``budget``."""
+    keep = int((mask.sum(1).cumsum(0) <= budget).sum())
+    return rows[:keep], mask[:keep]
+
+
+def training_rows(tokenizer, mix: dict, cfg: BuildConfig, generator) -> tuple[dict, dict]:
+    """The training rows ((N, context) ids, mask) of ``mix``: the model-written rows take
+    ``cfg.model_share`` of ``cfg.train_tokens`` (repeated where there are fewer), prose
+    the rest; shuffled together. Also returns what was drawn, per kind."""
+    texts = {kind: [t for s, t in mix["train"] if (s == MODEL_SOURCE) == (kind == MODEL_SOURCE)]
+             for kind in (MODEL_SOURCE, "prose")}
+    model = text_rows(tokenizer, texts[MODEL_SOURCE], cfg.context)
+    prose = text_rows(tokenizer, texts["prose"], cfg.context)
+    model_budget = round(cfg.model_share * cfg.train_tokens)
+    drawn_model = _draw_repeated(*model, model_budget, generator)
+    drawn_prose = _draw_rows(*prose, cfg.train_tokens - int(drawn_model[1].sum()), generator)
+    rows = torch.cat([drawn_model[0], drawn_prose[0]])
+    mask = torch.cat([drawn_model[1], drawn_prose[1]])
+    order = torch.randperm(rows.shape[0], generator=generator)
+    drawn = {"model-written": {"available_tokens": int(model[1].sum()),
+                               "drawn_tokens": int(drawn_model[1].sum())},
+             "prose": {"available_tokens": int(prose[1].sum()),
+                       "drawn_tokens": int(drawn_prose[1].sum())}}
+    for row in drawn.values():
+        row["passes"] = round(row["drawn_tokens"] / max(1, row["available_tokens"]), 2)
+    return (rows[order], mask[order]), drawn
+
+
+@dataclass
+class Prepared:
+    """What the SAEs are trained and measured on: the corpus, its rows and their stores."""
+
+    preset: object
+    lm: object
+    generation: GenerationConfig
+    mix: dict
+    records: list
+    train_rows: tuple                   # ((N, context) ids, mask)
+    drawn: dict                         # per kind: tokens available, drawn, passes
+    heldout_texts: dict                 # {held-out set: [text]}
+    heldout_rows: dict                  # {held-out set: (ids, mask)}
+    stores: dict                        # {"train" or held-out set: store folder}
+    dtype: str                          # the recording's
+    seconds: dict
+
+
+def prepare(preset, cfg: BuildConfig, cache_dir: Path, device: str = "cpu",
+            prose: dict[str, list[str]] | None = None, log=print) -> Prepared:
+    """Steps 1 and 2: the corpus, the training and held-out rows, their residual stores
+    (each step cached in ``cache_dir``: a re-run reads them)."""
     from . import prose_text
 
-    preset = get_preset(preset_name)
-    if preset.sae_dir is None or preset.sae_site != "resid_post":
-        raise ValueError(f"preset {preset.name!r} does not read resid_post SAEs from a local "
-                         "folder: only such presets are built here")
-    if cfg.training.architecture != "batchtopk":
-        raise ValueError(f"architecture={cfg.training.architecture!r}: the offline SAEs and "
-                         "their card are BatchTopK; pass SAETrainingConfig(architecture="
-                         "'batchtopk')")
-    out_dir = Path(out_dir) if out_dir is not None else Path(preset.sae_dir).parent
+    if not 0 <= cfg.model_share <= 1:
+        raise ValueError(f"model_share={cfg.model_share!r}: pass the model-written rows' "
+                         "share of the training tokens, in [0, 1]")
     layers = preset.resid_pre_layers_with_sae()
     seconds, start = {}, time.time()
-
-    # 1. corpus
     source = model_source(preset)
     generation = dataclasses.replace(cfg.generation, n_tokens=cfg.context - 1)
     chunks = generate(source, generation, cache_dir / "generated", device=device, log=log)
@@ -125,11 +192,9 @@ def build(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = BuildCon
                            ["input_ids"]]
     mix = prose_text.mix_documents({**prose, MODEL_SOURCE: _model_texts(tokenizer, chunks)},
                                    count, cfg.max_share, cfg.heldout_fraction, cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    train_rows = _draw_rows(*text_rows(tokenizer, [t for _, t in mix["train"]], cfg.context),
-                            cfg.train_tokens, generator)
     heldout_texts = {"model-written": [t for s, t in mix["heldout"] if s == MODEL_SOURCE],
                      "prose": [t for s, t in mix["heldout"] if s != MODEL_SOURCE]}
+    generator = torch.Generator().manual_seed(cfg.seed)
     heldout_rows = {}
     for name, texts in heldout_texts.items():
         rows, mask = _draw_rows(*text_rows(tokenizer, texts, cfg.context), None, generator)
@@ -137,9 +202,9 @@ def build(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = BuildCon
         if not len(heldout_rows[name][0]):
             raise ValueError(f"no held-out {name} text: sample more texts or raise "
                              "heldout_fraction")
+    train_rows, drawn = training_rows(tokenizer, mix, cfg, generator)
     seconds["corpus"] = round(time.time() - start - seconds["sampling"], 1)
 
-    # 2. residuals
     t = time.time()
     dtype = recording_dtype(device)
     recorder = lm if dtype == "float32" else load_model(preset, device=device, dtype=dtype)
@@ -148,8 +213,95 @@ def build(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = BuildCon
     stores = {"train": record(recorder, *train_rows, layers, cache_dir / "residuals")}
     for name, (rows, mask) in heldout_rows.items():
         stores[name] = record(recorder, rows, mask, layers, cache_dir / "residuals")
-    del recorder
     seconds["recording"] = round(time.time() - t, 1)
+    return Prepared(preset, lm, generation, mix, records, train_rows, drawn, heldout_texts,
+                    heldout_rows, stores, dtype, seconds)
+
+
+def trained_sae(store: Path, layer: int, training: SAETrainingConfig, cache_dir: Path,
+                n_residuals: int | None = None, log=print):
+    """The SAE ``training`` gives on the store's residuals at resid_pre ``layer`` (its first
+    ``n_residuals`` only, if given; the store's rows are in random order). Each trained
+    SAE is kept in ``cache_dir/trained`` as it finishes: an interrupted build keeps it."""
+    hook = f"blocks.{layer - 1}.hook_resid_post"         # resid_post block = resid_pre - 1
+    key = digest({"format": TRAINED_FORMAT, "training": asdict(training), "hook": hook,
+                  "residuals": n_residuals})
+    trained = cache_dir / "trained" / f"{Path(store).name}-{key}"
+    if (trained / "cfg.json").is_file():
+        from sae_lens import SAE
+        log(f"resid_pre {layer}: trained SAE read from {trained}")
+        return SAE.load_from_disk(str(trained), device="cpu")
+    resid = read_layer(store, layer)
+    if n_residuals is not None:
+        if n_residuals > resid.shape[0]:
+            raise ValueError(f"n_residuals={n_residuals}: the store holds {resid.shape[0]}")
+        resid = resid[:n_residuals]
+    log(f"resid_pre {layer}: training on {resid.shape[0]} residuals ({_settings(training)})")
+    return save_sae(train_sae(resid, hook, training, log=log), trained, training.save_dtype)
+
+
+def sweep(prepared: Prepared, cfg: BuildConfig, cache_dir: Path, log=print) -> list[dict]:
+    """Each of ``cfg.sweep``'s settings trained at ``cfg.sweep_layer`` on the first
+    ``cfg.sweep_tokens`` training residuals and measured on both held-out sets."""
+    layer = cfg.sweep_layer or prepared.preset.resid_pre_layers_with_sae()[-1]
+    mean = read_layer(prepared.stores["train"], layer).float().mean(0)
+    n = min(cfg.sweep_tokens, int(prepared.train_rows[1].sum()))
+    rows = []
+    for training in cfg.sweep:
+        t = time.time()
+        sae = trained_sae(prepared.stores["train"], layer, training, cache_dir, n, log=log)
+        measured = _measure(prepared.lm, {layer: sae}, {layer: mean}, prepared.stores,
+                            prepared.heldout_rows, cfg)[layer]
+        rows.append({"layer": layer, "train_tokens": n, "training": asdict(training),
+                     "seconds": round(time.time() - t, 1), **measured})
+        log(f"sweep {_settings(training)}: " + "  ".join(
+            f"{name} Δloss {measured[name]['delta_loss']:+.3f} FVU {measured[name]['fvu']:.3f} "
+            f"dead {measured[name]['dead_fraction']:.3f}" for name in HELDOUT_SETS))
+    return rows
+
+
+def choose(sweep_rows: list[dict]) -> SAETrainingConfig:
+    """The swept setting with the lowest mean Δ loss over the held-out sets."""
+    best = min(sweep_rows, key=lambda r: sum(r[n]["delta_loss"] for n in HELDOUT_SETS))
+    return SAETrainingConfig(**best["training"])
+
+
+def _settings(training: SAETrainingConfig | dict) -> str:
+    t = training if isinstance(training, dict) else asdict(training)
+    return (f"width {t['width']} k {t['k']:g} lr {t['lr']:g} batch {t['batch_tokens']} "
+            f"epochs {t['epochs']}")
+
+
+def build(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = BuildConfig(),
+          out_dir: Path | None = None, cache_dir: Path = REPO_ROOT / ".cache",
+          device: str = "cpu", prose: dict[str, list[str]] | None = None, log=print) -> dict:
+    """Build the preset's SAEs and corpus into ``out_dir`` (default: the preset's folder).
+
+    With ``cfg.sweep``, its settings are measured first at one layer on part of the
+    training tokens and the best (lowest mean Δ loss) trains every layer; without,
+    ``cfg.training`` does. prose: {source: documents} instead of the packaged sources
+    (your own text, tests).
+    """
+    preset = get_preset(preset_name)
+    if preset.sae_dir is None or preset.sae_site != "resid_post":
+        raise ValueError(f"preset {preset.name!r} does not read resid_post SAEs from a local "
+                         "folder: only such presets are built here")
+    for training in (cfg.training, *cfg.sweep):
+        if training.architecture != "batchtopk":
+            raise ValueError(f"architecture={training.architecture!r}: the offline SAEs and "
+                             "their card are BatchTopK; pass SAETrainingConfig(architecture="
+                             "'batchtopk')")
+    out_dir = Path(out_dir) if out_dir is not None else Path(preset.sae_dir).parent
+    layers = preset.resid_pre_layers_with_sae()
+    start = time.time()
+    prepared = prepare(preset, cfg, cache_dir, device, prose, log)
+    lm, stores, seconds = prepared.lm, prepared.stores, prepared.seconds
+
+    t = time.time()
+    sweep_rows = sweep(prepared, cfg, cache_dir, log) if cfg.sweep else []
+    chosen = choose(sweep_rows) if sweep_rows else cfg.training
+    seconds["sweep"] = round(time.time() - t, 1)
+    log(f"training every layer with {_settings(chosen)}")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     previous = _previous_saes(preset, layers, lm)
@@ -157,25 +309,13 @@ def build(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = BuildCon
     try:
         # 3. training, one layer at a time (one layer's residuals in memory)
         saes, means, rows_out, folders = {}, {}, [], {}
+        t = time.time()
         for layer in layers:
-            t = time.time()
-            block = layer - 1                               # resid_post block = resid_pre - 1
-            training = dataclasses.replace(cfg.training, seed=cfg.training.seed + layer)
-            resid = read_layer(stores["train"], layer)
-            means[layer] = resid.float().mean(0)
-            hook = f"blocks.{block}.hook_resid_post"
-            # each trained SAE is kept as it finishes: an interrupted build keeps its layers
-            key = digest({"format": TRAINED_FORMAT, "training": asdict(training), "hook": hook})
-            trained = cache_dir / "trained" / f"{stores['train'].name}-{key}"
-            if (trained / "cfg.json").is_file():
-                from sae_lens import SAE
-                sae = SAE.load_from_disk(str(trained), device="cpu")
-                log(f"layer {layer}: trained SAE read from {trained}")
-            else:
-                log(f"layer {layer}: training on {resid.shape[0]} residuals")
-                sae = save_sae(train_sae(resid, hook, training, log=log), trained,
-                               training.save_dtype)
-            del resid
+            t_layer = time.time()
+            block = layer - 1
+            training = dataclasses.replace(chosen, seed=chosen.seed + layer)
+            means[layer] = read_layer(stores["train"], layer).float().mean(0)
+            sae = trained_sae(stores["train"], layer, training, cache_dir, log=log)
             sae.cfg.metadata.model_name = preset.name
             # measured as saved (matrices in save_dtype), not as trained
             folders[layer] = scratch / "saes" / preset.sae_id.format(layer=block)
@@ -183,13 +323,16 @@ def build(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = BuildCon
             check_sae_site(sae, lm, layer)
             saes[layer] = sae
             rows_out.append({"layer": layer, "site": f"resid_post {block}",
-                             "d_sae": sae.cfg.d_sae, "train_tokens": int(train_rows[1].sum()),
-                             "seed": training.seed, "seconds": round(time.time() - t, 1)})
+                             "d_sae": sae.cfg.d_sae,
+                             "train_tokens": int(prepared.train_rows[1].sum()),
+                             "seed": training.seed, "seconds": round(time.time() - t_layer, 1)})
+        seconds["training"] = round(time.time() - t, 1)
         # 4. measurements on both held-out sets, new SAEs and the ones they replace
         t = time.time()
-        measured = {"new": _measure(lm, saes, means, stores, heldout_rows, cfg)}
+        measured = {"new": _measure(lm, saes, means, stores, prepared.heldout_rows, cfg)}
         if previous:
-            measured["previous"] = _measure(lm, previous, means, stores, heldout_rows, cfg)
+            measured["previous"] = _measure(lm, previous, means, stores, prepared.heldout_rows,
+                                            cfg)
         seconds["measuring"] = round(time.time() - t, 1)
         for row in rows_out:
             row.update(measured["new"][row["layer"]])
@@ -197,26 +340,30 @@ def build(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = BuildCon
                 f"{name} FVU {row[name]['fvu']:.3f} dead {row[name]['dead_fraction']:.3f} "
                 f"Δloss {row[name]['delta_loss']:+.3f} recovered {row[name]['recovered']:.3f}"
                 for name in HELDOUT_SETS))
-        build_record = {**asdict(cfg), "generation": asdict(generation)}
+        build_record = {**asdict(cfg), "generation": asdict(prepared.generation),
+                        "chosen_training": asdict(chosen)}
         for row in rows_out:
             record_json = json.dumps({"preset": preset.name, "build": build_record,
                                       "card": row}, indent=2)
             write_atomic(folders[row["layer"]] / "training.json",
                          lambda tmp, text=record_json: tmp.write_text(text))
 
+        heldout_texts, heldout_rows = prepared.heldout_texts, prepared.heldout_rows
         corpus = [text for name in HELDOUT_SETS for text in heldout_texts[name][:cfg.corpus_texts]]
         (scratch / "corpus.json").write_text(json.dumps(corpus, ensure_ascii=False, indent=0)
                                              + "\n", encoding="utf-8")
         seconds["total"] = round(time.time() - start, 1)
+        mix, train_rows = prepared.mix, prepared.train_rows
         card = {"preset": preset.name, "model": preset.model_id, "build": build_record,
                 "corpus": {"sources": mix["sources"], "sha256": mix["sha256"],
-                           "records": records, "train_rows": int(train_rows[0].shape[0]),
+                           "records": prepared.records, "drawn": prepared.drawn,
+                           "train_rows": int(train_rows[0].shape[0]),
                            "train_tokens": int(train_rows[1].sum()),
                            "heldout_rows": {n: int(r[1].shape[0]) for n, r in heldout_rows.items()},
                            "heldout_tokens": {n: int(r[1].sum()) for n, r in heldout_rows.items()},
                            "corpus_json_texts": len(corpus)},
-                "recording_dtype": dtype, "device": device, "saes": rows_out,
-                "previous_saes": measured.get("previous"), "seconds": seconds,
+                "recording_dtype": prepared.dtype, "device": device, "sweep": sweep_rows,
+                "saes": rows_out, "previous_saes": measured.get("previous"), "seconds": seconds,
                 "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
         (scratch / "card.json").write_text(json.dumps(card, indent=2) + "\n")
         (scratch / "MODEL_CARD.md").write_text(render_card(card, heldout_texts))
@@ -300,7 +447,8 @@ def _table(rows: list[dict]) -> list[str]:
 
 
 def render_card(card: dict, heldout_texts: dict[str, list[str]]) -> str:
-    gen, train, build = card["build"]["generation"], card["build"]["training"], card["build"]
+    gen, build = card["build"]["generation"], card["build"]
+    train = build.get("chosen_training", build["training"])
     corpus, seconds = card["corpus"], card["seconds"]
     lines = [
         f"# SAEs of {card['preset']}", "",
@@ -308,7 +456,9 @@ def render_card(card: dict, heldout_texts: dict[str, list[str]]) -> str:
         f"{card['torch_threads']} CPU threads ({card['device']}, torch {card['torch']}): "
         f"{seconds['sampling'] / 60:.0f} min sampling text, {seconds['recording'] / 60:.0f} min "
         f"recording residuals in {card['recording_dtype']} (both cached: a re-run reads them), "
-        f"{seconds['measuring'] / 60:.0f} min measuring, the rest training.", "",
+        f"{seconds.get('sweep', 0) / 60:.0f} min sweeping settings, "
+        f"{seconds.get('training', 0) / 60:.0f} min training, "
+        f"{seconds['measuring'] / 60:.0f} min measuring.", "",
         "## Corpus", "",
         f"Model-written text: {gen['n_texts']} texts of up to {gen['n_tokens']} tokens that the "
         f"model sampled from BOS at temperature {gen['temperature']} (seed {gen['seed']}). "
@@ -317,8 +467,14 @@ def render_card(card: dict, heldout_texts: dict[str, list[str]]) -> str:
         f"no source above {build['max_share']:.0%} of the training tokens. Rows of "
         f"{build['context']} tokens (BOS first); BOS, padding and special tokens are never "
         f"recorded. {corpus['train_tokens']} training tokens ({corpus['train_rows']} rows drawn "
-        f"at random, seed {build['seed']}, budget {build['train_tokens']}). Corpus SHA-256: "
-        f"`{corpus['sha256']}`.", "",
+        f"at random, seed {build['seed']}, budget {build['train_tokens']}), "
+        f"{build.get('model_share', 0):.0%} of the budget for model-written rows "
+        "(repeated where there are fewer). Corpus SHA-256: "
+        f"`{corpus['sha256']}`.", ""]
+    for kind, row in corpus.get("drawn", {}).items():
+        lines.append(f"- {kind}: {row['drawn_tokens']} training tokens drawn of "
+                     f"{row['available_tokens']} ({row['passes']} passes)")
+    lines += ["",
         "| source | documents | tokens (train) | duplicates dropped | capped away |",
         "|---|---|---|---|---|"]
     for name, row in corpus["sources"].items():
@@ -347,6 +503,21 @@ def render_card(card: dict, heldout_texts: dict[str, list[str]]) -> str:
         "(mean ablation); recovered = (mean-ablated - SAE) / (mean-ablated - clean). "
         "Targets: Δ loss <= 0.5 nats, recovered >= 0.9, FVU <= 0.15, dead <= 10%.", ""]
     lines += _table(card["saes"])
+    if card.get("sweep"):
+        first = card["sweep"][0]
+        lines += ["", "## Sweep", "",
+                  f"Each setting trained at resid_pre {first['layer']} on the first "
+                  f"{first['train_tokens']} training tokens and measured on both held-out sets; "
+                  "the one with the lowest mean Δ loss trained every layer on all of them.", "",
+                  "| setting | held-out | FVU | L0 | dead | Δ loss | recovered | seconds |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for row in card["sweep"]:
+            for name in HELDOUT_SETS:
+                m = row[name]
+                lines.append(f"| {_settings(row['training'])} | {name} | {m['fvu']:.3f} | "
+                             f"{m['l0']:.1f} | {m['dead_fraction']:.3f} | "
+                             f"{m['delta_loss']:+.3f} | {m['recovered']:.3f} | "
+                             f"{row['seconds']:.0f} |")
     if card.get("previous_saes"):
         lines += ["", "The SAEs these replaced, measured the same way:", ""]
         lines += _table([{"layer": int(layer), **m} for layer, m in card["previous_saes"].items()])
@@ -368,6 +539,12 @@ def main(argv=None):
     parser.add_argument("--width", type=int, default=default.width)
     parser.add_argument("--k", type=float, default=default.k)
     parser.add_argument("--epochs", type=int, default=default.epochs)
+    parser.add_argument("--lr", type=float, default=default.lr)
+    parser.add_argument("--batch-tokens", type=int, default=default.batch_tokens)
+    parser.add_argument("--no-sweep", action="store_true",
+                        help="train with --width --k --lr --batch-tokens --epochs as given "
+                             "(default: measure the SWEEP settings first, train with the best)")
+    parser.add_argument("--sweep-tokens", type=int, default=BuildConfig.sweep_tokens)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--cache", type=Path, default=REPO_ROOT / ".cache",
                         help="where sampled text and recorded residuals are kept")
@@ -375,7 +552,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     cfg = BuildConfig(generation=GenerationConfig(n_texts=args.texts),
                       training=dataclasses.replace(default, width=args.width, k=args.k,
-                                                   epochs=args.epochs),
+                                                   epochs=args.epochs, lr=args.lr,
+                                                   batch_tokens=args.batch_tokens),
+                      sweep=() if args.no_sweep else SWEEP, sweep_tokens=args.sweep_tokens,
                       train_tokens=args.train_tokens)
     build(args.preset, cfg, args.out, cache_dir=args.cache, device=args.device)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import matplotlib
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 
 from .cache import write_atomic
@@ -68,6 +69,9 @@ def row_style(row) -> dict:
     return VIEW_STYLE.get((vector, row["view"]), {})
 
 
+FIGURE_DPI = 200          # PNGs that read on paper drafts and slides (the PDF is vector)
+
+
 def save_figure(fig, name: str, out_dir: Path | None = None) -> None:
     """Save ``fig`` as ``{out_dir}/{name}.png`` and ``.pdf`` (default out_dir: ``figures/``).
 
@@ -79,7 +83,7 @@ def save_figure(fig, name: str, out_dir: Path | None = None) -> None:
         # no creation date in the metadata: the same figure gives the same bytes
         metadata = {"CreationDate": None} if suffix == "pdf" else {}
         write_atomic(path, lambda p, s=suffix, m=metadata: fig.savefig(
-            p, format=s, bbox_inches="tight", metadata=m))
+            p, format=s, bbox_inches="tight", metadata=m, dpi=FIGURE_DPI))
 
 
 def plot_loss_vs_layer(results: pd.DataFrame, metric: str = "nll", title: str = ""):
@@ -198,9 +202,12 @@ def plot_lambda_sweep(sweep: pd.DataFrame, title: str = ""):
         twin.plot(sweep.lam, sweep.l0, marker="s", color="tab:gray", label="active features")
         twin.set_ylabel("active features")
         twin.spines["right"].set_visible(True)
+        # one legend for both axes, below the plot: above it, it sat on the title
+        lines = ax.get_lines() + twin.get_lines()
+        ax.legend(lines, [line.get_label() for line in lines], loc="upper center",
+                  bbox_to_anchor=(0.5, -0.28), ncols=2, fontsize=7, frameon=False)
         if title:
             ax.set_title(title)
-        fig.legend(loc="upper center", ncols=2, fontsize=7)
         fig.tight_layout()
     return fig
 
@@ -222,9 +229,14 @@ def plot_steering_matrix(grid: pd.DataFrame, clip: float = 1.0, title: str = "")
         fig, ax = plt.subplots(figsize=(max(0.5 * len(columns) + 3.0, 6.0),
                                         0.38 * len(tasks) + 1.6))
         image = ax.imshow(values.values, cmap="RdBu_r", vmin=-1, vmax=clip, aspect="auto")
+        for (row, col), value in np.ndenumerate(values.values):   # each cell's change
+            if np.isfinite(value):
+                ax.text(col, row, f"{value:+.2f}", ha="center", va="center", fontsize=5.5,
+                        color="white" if abs(value) > 0.6 else "black")
         ax.set_xticks(range(len(columns)), columns, rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(len(tasks)), tasks, fontsize=7)
         ax.set_xlabel("steering feature (task it was cleaned for)")
+        ax.set_ylabel("evaluated task")
         ax.grid(False)
         fig.colorbar(image, ax=ax, label=f"relative loss change (clipped at {clip:g})")
         if title:

@@ -15,7 +15,7 @@ from .presets import Preset, get_preset
 
 def sae_identity(preset: str | Preset, layer: int) -> dict:
     """What results from the SAE at resid_pre ``layer`` depend on (cache keys)."""
-    from .cache import folder_digest
+    from .fingerprints import folder_digest
     preset = get_preset(preset)
     folder, sae_id = sae_source(preset, layer)
     return {"source": preset.sae_release or preset.sae_repo or "local", "id": sae_id,

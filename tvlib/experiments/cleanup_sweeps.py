@@ -4,13 +4,14 @@ SAE, the lambda sweep, and the reports on them."""
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from numbers import Real
+from typing import TYPE_CHECKING, Iterator
 
 import pandas as pd
 import torch
 
 from ..cache import cached_table, digest, result_key
-from ..cleanup import CleanupConfig, cleanup
+from ..cleanup import CleanupConfig, cleanup, finished
 from ..detectors import DETECTOR_CLEANUP, detector_vectors
 from ..engine import Steering, score
 from ..models import check_layers
@@ -20,7 +21,7 @@ from ..sae_views import decode
 from ..taskvec import task_vectors
 from .prompt_setup import (PromptConfig, TaskPrompts, build_task_prompts, layers_with_sae,
                            model_tasks, prompt_config)
-from .runner import baseline_table, cleanup_settings, run_per_layer
+from .runner import cleanup_settings, run_per_layer
 from .schema import (AT_CLEANED_NORM, BEST_SCALED, CLEANED, DETECTOR, PURSUIT_START, RANDOM, RAW,
                      RECON, START_VIEWS, TUNED_TOP_COSINE, TUNED_TOP_ENCODING, TV, ZERO_SHOT,
                      method_label, score_row)
@@ -44,9 +45,9 @@ FEATURE_COLUMNS = {"task": "object", "layer": "int64", "feature": "int64",
 def clean_vectors(lm, name: str, label: str, vectors, layers, train: PromptBatch,
                   evaluate: PromptBatch, cfg: CleanupConfig, batch_size: int = 32,
                   seed: int = 0, saes: SAEShelf | None = None
-                  ) -> dict[int, dict[str, pd.DataFrame]]:
-    """Score raw and cleaned versions of per-layer ``vectors``: per layer, its "scores"
-    rows and the "features" weights.
+                  ) -> Iterator[tuple[int, dict[str, pd.DataFrame]]]:
+    """Score raw and cleaned versions of per-layer ``vectors``: yields (layer, its "scores"
+    rows and the "features" weights) as each layer finishes.
 
     Views of the vector ``label`` (TV or detector): RAW, the cleanup's start decoded
     (``start_view(cfg)``: RECON, the SAE encoding, or PURSUIT_START) and CLEANED
@@ -55,11 +56,10 @@ def clean_vectors(lm, name: str, label: str, vectors, layers, train: PromptBatch
     """
     view, k = start_view(cfg)
     saes = model_shelf(lm, saes)
-    out = {}
     for layer, vector in zip(layers, vectors):
         sae = saes[layer]
         check_sae_site(sae, lm, layer)
-        result = cleanup(lm, sae, layer, vector, train, evaluate, cfg, seed)
+        result = finished(cleanup(lm, sae, layer, vector, train, evaluate, cfg, seed))
         start = decode(sae, result.initial_weights)
         rows = [score_row(name, label, RAW, layer,
                           score(lm, evaluate, Steering(layer, vector), batch_size), l0=None),
@@ -75,18 +75,18 @@ def clean_vectors(lm, name: str, label: str, vectors, layers, train: PromptBatch
                      "recon_weight": result.initial_weights[feature].item(),
                      "cleaned_weight": result.weights[feature].item()}
                     for feature in (result.initial_weights > 0).nonzero().squeeze(-1).tolist()]
-        out[layer] = {"scores": pd.DataFrame(rows),
+        yield layer, {"scores": pd.DataFrame(rows),
                       "features": pd.DataFrame(features, columns=list(FEATURE_COLUMNS))
                       .astype(FEATURE_COLUMNS)}
-    return out
 
 
 def cleanup_layers(lm, prompts: TaskPrompts, layers, cfg: CleanupConfig, batch_size: int = 32,
                    seed: int = 0, saes: SAEShelf | None = None
-                   ) -> dict[int, dict[str, pd.DataFrame]]:
-    """TV, its SAE encoding and the cleaned TV at each layer (notebook 04), per layer:
-    "scores" (the cleaned TV's NLL is on the evaluation prompts, never trained on) and
-    "features" (the non-zero weights of the SAE encoding and of the cleaned vector)."""
+                   ) -> Iterator[tuple[int, dict[str, pd.DataFrame]]]:
+    """TV, its SAE encoding and the cleaned TV at each layer (notebook 04), yielded per
+    layer as it finishes: "scores" (the cleaned TV's NLL is on the evaluation prompts,
+    never trained on) and "features" (the non-zero weights of the SAE encoding and of
+    the cleaned vector)."""
     vectors = task_vectors(lm, prompts.few_shot, layers, batch_size=batch_size)
     return clean_vectors(lm, prompts.task.name, TV, vectors, layers, prompts.train,
                          prompts.zero_shot, cfg, batch_size, seed, saes)
@@ -94,32 +94,13 @@ def cleanup_layers(lm, prompts: TaskPrompts, layers, cfg: CleanupConfig, batch_s
 
 def detector_layers(lm, prompts: TaskPrompts, layers, cfg: CleanupConfig,
                     batch_size: int = 32, seed: int = 0, saes: SAEShelf | None = None
-                    ) -> dict[int, dict[str, pd.DataFrame]]:
-    """Detector vectors (answer tokens) raw and cleaned, steered at ``Y`` (notebook 05)."""
+                    ) -> Iterator[tuple[int, dict[str, pd.DataFrame]]]:
+    """Detector vectors (answer tokens) raw and cleaned, steered at ``Y`` (notebook 05),
+    yielded per layer as it finishes."""
     vectors = detector_vectors(lm, prompts.few_shot, layers, batch_size)
     return clean_vectors(lm, prompts.task.name, DETECTOR, vectors, layers,
                          prompts.detector_train, prompts.detector_eval, cfg, batch_size, seed,
                          saes)
-
-
-def cleanup_sweep(lm, prompts: TaskPrompts, layers, cfg: CleanupConfig,
-                  batch_size: int = 32, seed: int = 0) -> dict[str, pd.DataFrame]:
-    """``cleanup_layers`` with the baselines, for one task (uncached)."""
-    return _joined(baseline_table(lm, prompts, batch_size),
-                   cleanup_layers(lm, prompts, layers, cfg, batch_size, seed))
-
-
-def detector_sweep(lm, prompts: TaskPrompts, layers, cfg: CleanupConfig,
-                   batch_size: int = 32, seed: int = 0) -> dict[str, pd.DataFrame]:
-    """``detector_layers`` with the baselines, for one task (uncached)."""
-    return _joined(baseline_table(lm, prompts, batch_size, detector=True),
-                   detector_layers(lm, prompts, layers, cfg, batch_size, seed))
-
-
-def _joined(baselines: pd.DataFrame, by_layer: dict) -> dict[str, pd.DataFrame]:
-    scores = [baselines] + [tables["scores"] for tables in by_layer.values()]
-    return {"scores": pd.concat(scores, ignore_index=True),
-            "features": pd.concat([t["features"] for t in by_layer.values()], ignore_index=True)}
 
 
 def _run_cleaning(experiment: str, layers_of, lm, tasks, layers, prompt_cfg,
@@ -140,7 +121,8 @@ def _run_cleaning(experiment: str, layers_of, lm, tasks, layers, prompt_cfg,
 def run_cleanup_sweep(lm, tasks, layers=None, prompt_cfg: PromptConfig | None = None,
                       cfg: CleanupConfig = CleanupConfig(), batch_size: int = 32,
                       refresh: bool = False) -> dict[str, pd.DataFrame]:
-    """``cleanup_sweep`` for each task, cached; returns the "scores" and "features" tables."""
+    """TV, SAE encoding and cleaned TV (``cleanup_layers``) with the zero-shot baselines for
+    each task, each (task, layer) cached; returns the "scores" and "features" tables."""
     return _run_cleaning("cleanup_sweep", cleanup_layers, lm, tasks, layers, prompt_cfg, cfg,
                          batch_size, refresh, "zero-shot")
 
@@ -148,7 +130,8 @@ def run_cleanup_sweep(lm, tasks, layers=None, prompt_cfg: PromptConfig | None = 
 def run_detector_sweep(lm, tasks, layers=None, prompt_cfg: PromptConfig | None = None,
                        cfg: CleanupConfig = DETECTOR_CLEANUP,
                        batch_size: int = 32, refresh: bool = False) -> dict[str, pd.DataFrame]:
-    """``detector_sweep`` for each task, cached (defaults: the authors' pursuit init, k=7)."""
+    """Raw and cleaned detector vectors (``detector_layers``) with the detector baselines for
+    each task, each (task, layer) cached (defaults: the authors' pursuit init, k=7)."""
     return _run_cleaning("detector_sweep", detector_layers, lm, tasks, layers, prompt_cfg,
                          cfg, batch_size, refresh, "detector")
 
@@ -175,20 +158,18 @@ def run_controls_sweep(lm, tasks, layers=None, prompt_cfg: PromptConfig | None =
     features = cleaned["features"]
     saes = SAEShelf(lm.preset)
 
-    def compute(prompts: TaskPrompts, missing) -> dict[int, pd.DataFrame]:
+    def compute(prompts: TaskPrompts, missing) -> Iterator[tuple[int, pd.DataFrame]]:
         name = prompts.task.name
         tvs = task_vectors(lm, prompts.few_shot, missing, batch_size=batch_size)
-        out = {}
         for layer, tv in zip(missing, tvs):
             sae = saes[layer]
             kept = features[(features.task == name) & (features.layer == layer)]
             weights = torch.zeros(sae.cfg.d_sae)                            # (F,)
             weights[torch.tensor(kept.feature.tolist(), dtype=torch.long)] = torch.tensor(
                 kept.cleaned_weight.tolist(), dtype=torch.float32)
-            out[layer] = control_rows(lm, sae, name, layer, tv, weights, prompts.train,
+            yield layer, control_rows(lm, sae, name, layer, tv, weights, prompts.train,
                                       prompts.zero_shot, cfg, controls, prompt_cfg.seed,
                                       batch_size)
-        return out
 
     rows = run_per_layer("cleanup_controls", lm, tasks, layers, prompt_cfg,
                          {"cleanup": cleanup_settings(cfg), "controls": controls}, compute,
@@ -266,12 +247,15 @@ def cleanup_report(scores: pd.DataFrame, label: str = TV) -> pd.DataFrame:
         f"{start} nll": table[("nll", view)],
         "cleaned nll": table[("nll", CLEANED)]})
     report[f"cleaned <= {label}"] = report["cleaned nll"] <= report[f"{label} nll"]
-    return report
+    return report.rename(index=int, level="layer")       # layers print as 4, not 4.0
 
 
 def earliest_effective_layer(scores: pd.DataFrame, method: str, baseline: str,
                              min_gain: float = MIN_GAIN) -> pd.Series:
     """Per task, the first layer where ``method`` lowers the baseline NLL by ``min_gain`` (relative)."""
+    if isinstance(min_gain, bool) or not isinstance(min_gain, Real) or not 0 < min_gain < 1:
+        raise ValueError(f"min_gain={min_gain!r}: pass the relative NLL decrease that counts as "
+                         f"working, a fraction in (0, 1) (e.g. {MIN_GAIN} for 20%)")
     for name in (method, baseline):
         if name not in set(scores.method):
             raise ValueError(f"no rows of method {name!r}; the table has {sorted(set(scores.method))}")
@@ -312,8 +296,8 @@ def lambda_sweep(lm, task, layer: int, lams, prompt_cfg: PromptConfig | None = N
         tv = task_vectors(lm, prompts.few_shot, [layer])[0]
         rows = []
         for lam in lams:
-            result = cleanup(lm, sae, layer, tv, prompts.train, prompts.zero_shot,
-                             replace(cfg, lam=lam), prompt_cfg.seed)
+            result = finished(cleanup(lm, sae, layer, tv, prompts.train, prompts.zero_shot,
+                                      replace(cfg, lam=lam), prompt_cfg.seed))
             rows.append({"task": task.name, "layer": layer, "lam": lam,
                          "l0": int((result.weights > 0).sum()), "nll": result.heldout_nll,
                          "accuracy": result.heldout_accuracy, "steps": result.steps})

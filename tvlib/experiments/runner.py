@@ -50,9 +50,11 @@ def run_per_layer(experiment: str, lm, tasks, layers, prompt_cfg: PromptConfig,
                   settings: dict, compute, refresh: bool = False, uses_saes: bool = True,
                   baselines: str | None = "zero-shot", baselines_part: str = "table",
                   batch_size: int = 32):
-    """Run ``compute(prompts, layers)`` -> ``{layer: table or dict of tables}`` on the
-    (task, layer) pairs not in the cache, one call per task; every pair is cached under
-    its own ``result_key`` (with the SAE of its layer when ``uses_saes``).
+    """Run ``compute(prompts, layers)`` on the (task, layer) pairs not in the cache, one
+    call per task; it yields ``(layer, table or dict of tables)`` as each layer finishes
+    (or returns them as a dict), and every pair is cached under its own ``result_key``
+    (with the SAE of its layer when ``uses_saes``) as it arrives: an interrupt keeps the
+    finished layers.
 
     ``baselines`` ("zero-shot", "detector" or None): the layer-free rows of
     ``baseline_table``, put before the layers' rows in the table ``baselines_part``. The
@@ -74,8 +76,8 @@ def run_per_layer(experiment: str, lm, tasks, layers, prompt_cfg: PromptConfig,
 
         def compute_missing(missing):
             out = compute(task_prompts(), missing)
-            return {layer: {"table": t} if isinstance(t, pd.DataFrame) else t
-                    for layer, t in out.items()}
+            for layer, t in out.items() if isinstance(out, dict) else out:
+                yield layer, {"table": t} if isinstance(t, pd.DataFrame) else t
 
         keys = {layer: result_key(experiment, lm, [layer] if uses_saes else [],
                                   task=digest(task), prompts=prompt_cfg, layer=layer,

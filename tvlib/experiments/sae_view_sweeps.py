@@ -3,6 +3,8 @@ ITO) at every layer with an SAE, and ITO's loss against its number of features."
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import pandas as pd
 
 from ..engine import Steering, collect_residuals, score
@@ -13,15 +15,16 @@ from ..sae_views import ITO_L0, decode, encode, ito, recon_of_tv, tv_on_recon
 from ..taskvec import task_vectors
 from .prompt_setup import (PromptConfig, TaskPrompts, build_task_prompts, layers_with_sae,
                            model_tasks, prompt_config)
-from .runner import baseline_table, positive_ints, run_per_layer, run_per_task
+from .runner import positive_ints, run_per_layer, run_per_task
 from .schema import ITO, ON_RECON, RAW, RECON, TV, score_row
 
 
 def run_sae_view_sweep(lm, tasks, layers=None, prompt_cfg: PromptConfig | None = None,
                        target_l0: int = ITO_L0, subtract_b_dec: bool = False,
                        batch_size: int = 32, refresh: bool = False) -> pd.DataFrame:
-    """``sae_view_sweep`` for each task at every layer with an SAE (default), each
-    (task, layer) cached."""
+    """TV, Recon of TV, TV on recon and ITO (``sae_view_layers``) with the zero-shot
+    baselines for each task at every layer with an SAE (default), each (task, layer)
+    cached."""
     layers = layers_with_sae(lm, layers)
     saes = SAEShelf(lm.preset)              # each layer's SAE loaded once for every task
     return run_per_layer("sae_view_sweep", lm, tasks, layers, prompt_cfg or prompt_config(lm),
@@ -39,14 +42,14 @@ def separator_residuals(lm, few_shot: PromptBatch, layers, batch_size: int = 32)
 
 def sae_view_layers(lm, prompts: TaskPrompts, layers, target_l0: int = ITO_L0,
                     subtract_b_dec: bool = False, batch_size: int = 32,
-                    saes: SAEShelf | None = None) -> dict[int, pd.DataFrame]:
-    """TV, Recon of TV, TV on recon and ITO at each layer, scored: ``{layer: rows}``.
+                    saes: SAEShelf | None = None) -> Iterator[tuple[int, pd.DataFrame]]:
+    """TV, Recon of TV, TV on recon and ITO at each layer, scored: yields (layer, rows)
+    as each layer finishes.
 
     saes: the SAEs by layer (default: the preset's, loaded here)."""
     name = prompts.task.name
     saes = model_shelf(lm, saes)
     resid = separator_residuals(lm, prompts.few_shot, layers, batch_size)   # (L, B, S, d)
-    out = {}
     for layer, layer_resid in zip(layers, resid):
         sae = saes[layer]
         check_sae_site(sae, lm, layer)
@@ -54,19 +57,10 @@ def sae_view_layers(lm, prompts: TaskPrompts, layers, target_l0: int = ITO_L0,
         views = [(RAW, None, tv), (RECON, None, recon_of_tv(sae, tv, layer)),
                  (ON_RECON, None, tv_on_recon(sae, layer_resid, layer)),
                  (ITO, target_l0, ito(sae, tv, layer, target_l0, subtract_b_dec)[0])]
-        out[layer] = pd.DataFrame([
+        yield layer, pd.DataFrame([
             score_row(name, TV, view, layer, score(lm, prompts.zero_shot,
                                                    Steering(layer, vector), batch_size), k=k)
             for view, k, vector in views])
-    return out
-
-
-def sae_view_sweep(lm, prompts: TaskPrompts, layers, target_l0: int = ITO_L0,
-                   subtract_b_dec: bool = False, batch_size: int = 32) -> pd.DataFrame:
-    """The SAE views at each layer with the baselines, for one task (uncached; notebook 02)."""
-    by_layer = sae_view_layers(lm, prompts, layers, target_l0, subtract_b_dec, batch_size)
-    return pd.concat([baseline_table(lm, prompts, batch_size), *by_layer.values()],
-                     ignore_index=True)
 
 
 def ito_sweep(lm, prompts: TaskPrompts, sae, layer: int, target_l0s, subtract_b_dec=False,

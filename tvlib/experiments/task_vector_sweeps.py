@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import pandas as pd
 
 from ..engine import Steering, score
@@ -13,18 +15,20 @@ from .schema import BASELINES as BASELINE_VIEWS, ICL, RAW, TV, ZERO_SHOT, score_
 
 
 def task_vector_layers(lm, prompts: TaskPrompts, layers, positions: str = "all",
-                       mode: str = "add", batch_size: int = 32) -> dict[int, pd.DataFrame]:
-    """The task vector added (or written) at each layer, scored: ``{layer: its row}``."""
+                       mode: str = "add", batch_size: int = 32
+                       ) -> Iterator[tuple[int, pd.DataFrame]]:
+    """The task vector added (or written) at each layer, scored: yields (layer, its row)
+    as each layer finishes."""
     vectors = task_vectors(lm, prompts.few_shot, layers, positions, batch_size)   # (L, d)
-    return {layer: pd.DataFrame([score_row(prompts.task.name, TV, RAW, layer, score(
-                lm, prompts.zero_shot, Steering(layer, vector, mode), batch_size))])
-            for layer, vector in zip(layers, vectors)}
+    for layer, vector in zip(layers, vectors):
+        yield layer, pd.DataFrame([score_row(prompts.task.name, TV, RAW, layer, score(
+            lm, prompts.zero_shot, Steering(layer, vector, mode), batch_size))])
 
 
 def task_vector_sweep(lm, prompts: TaskPrompts, layers, positions: str = "all",
                       mode: str = "add", batch_size: int = 32) -> pd.DataFrame:
     """Zero-shot, ICL, and the task vector at each layer, for one task (uncached)."""
-    by_layer = task_vector_layers(lm, prompts, layers, positions, mode, batch_size)
+    by_layer = dict(task_vector_layers(lm, prompts, layers, positions, mode, batch_size))
     return pd.concat([baseline_table(lm, prompts, batch_size), *by_layer.values()],
                      ignore_index=True)
 

@@ -1,0 +1,203 @@
+"""Second trust pass: inputs that used to give silently wrong results or lose work."""
+
+import math
+import os
+
+import pandas as pd
+import pytest
+import torch
+
+from tvlib.cache import file_digest
+from tvlib.experiments import earliest_effective_layer
+
+
+def test_a_file_swapped_with_its_old_size_and_mtime_is_digested_again(tmp_path):
+    path = tmp_path / "sae_weights.safetensors"
+    path.write_bytes(b"a" * 64)
+    first = file_digest(path)
+    stat = path.stat()
+    replacement = tmp_path / "other"
+    replacement.write_bytes(b"b" * 64)                     # same size
+    os.replace(replacement, path)                          # as cp, tar or rsync would
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))    # the old mtime restored
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    assert file_digest(path) != first
+    path.write_bytes(b"a" * 64)                            # written back in place
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert file_digest(path) == first
+
+
+def test_earliest_effective_layer_refuses_a_gain_outside_0_1():
+    scores = pd.DataFrame({"task": ["t"] * 3, "method": ["zero-shot", "TV", "TV"],
+                           "layer": [None, 1, 2], "nll": [2.0, 1.9, 1.0]})
+    assert earliest_effective_layer(scores, "TV", "zero-shot").to_dict() == {"t": 2}
+    assert earliest_effective_layer(scores, "TV", "zero-shot", 0.01).to_dict() == {"t": 1}
+    for bad in (20, 1.5, float("nan"), -1, 0, 1, True, "0.2"):
+        with pytest.raises(ValueError, match="min_gain=.*fraction in \\(0, 1\\)"):
+            earliest_effective_layer(scores, "TV", "zero-shot", bad)
+
+
+QUICK = dict(n_prompts=4, n_shots=4, n_eval=6, n_train=6)
+
+
+def test_an_edited_model_gets_its_own_cache_entries(tmp_path, monkeypatch):
+    """Zeroing one MLP in place (an ablation) used to be served the clean model's numbers,
+    and a refresh stored the ablated ones under the clean model's key."""
+    from tvlib.experiments import PromptConfig, run_task_vector_sweep
+    from tvlib.models import load_model
+    monkeypatch.setattr("tvlib.cache.CACHE_DIR", tmp_path / "cache")
+    lm = load_model("toy", device="cpu")
+    cfg = PromptConfig(**QUICK)
+    clean = run_task_vector_sweep(lm, ["antonyms"], [2], cfg)
+    weight = lm._module.model.layers[1].mlp.down_proj.weight
+    saved = weight.detach().clone()
+    weight.data.zero_()                      # no version counter sees a .data edit
+    ablated = run_task_vector_sweep(lm, ["antonyms"], [2], cfg)
+    assert not clean.nll.equals(ablated.nll)
+    run_task_vector_sweep(lm, ["antonyms"], [2], cfg, refresh=True)
+    weight.data.copy_(saved)
+    pd.testing.assert_frame_equal(run_task_vector_sweep(lm, ["antonyms"], [2], cfg), clean)
+
+
+def test_code_that_computes_is_in_the_key_and_plotting_is_not(tmp_path, monkeypatch):
+    import shutil
+
+    from tvlib import fingerprints
+    from tvlib.paths import REPO_ROOT
+    shutil.copytree(REPO_ROOT / "tvlib", tmp_path / "tvlib",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(fingerprints, "REPO_ROOT", tmp_path)
+    before = fingerprints.code_fingerprint()
+    assert "cleanup.py" in before and "experiments/runner.py" in before
+    assert "plotting.py" not in before and not any(k.startswith("toy/") for k in before)
+    with open(tmp_path / "tvlib" / "plotting.py", "a") as f:
+        f.write("\n# a figure's colour\n")
+    assert fingerprints.code_fingerprint() == before
+    with open(tmp_path / "tvlib" / "steered_loss.py", "a") as f:
+        f.write("\n# a changed loss\n")
+    after = fingerprints.code_fingerprint()
+    assert after != before and after["steered_loss.py"] != before["steered_loss.py"]
+
+
+def test_weights_fingerprint_reads_every_bit_on_either_path():
+    from tvlib.fingerprints import device_checksum, tensor_checksum, weights_fingerprint
+    module = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.LayerNorm(4))
+    first = weights_fingerprint(module)
+    with torch.no_grad():
+        module[0].weight[2, 3] = torch.nextafter(module[0].weight[2, 3], torch.tensor(9.0))
+    assert weights_fingerprint(module) != first          # one bit of one weight
+    x = torch.randn(1000)
+    swapped = x.clone()
+    swapped[[10, 20]] = swapped[[20, 10]]
+    assert tensor_checksum(x) != tensor_checksum(swapped)           # CPU: CRC-32
+    bits = lambda t: t.view(torch.int32)                             # noqa: E731
+    assert device_checksum(bits(x)) != device_checksum(bits(swapped))   # accelerator path
+    assert tensor_checksum(x.to(torch.bfloat16)) != tensor_checksum(x)
+
+
+def test_a_folder_named_like_a_hub_model_is_refused_not_loaded(tmp_path, monkeypatch):
+    from tvlib.models import load_model
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="holds 'gpt2', which transformers would load instead"):
+        load_model("gpt2", device="cpu")
+
+
+def test_an_interrupt_keeps_the_layers_finished_before_it(tmp_path, monkeypatch):
+    """Entries used to be written when a task's last layer ended: an interrupt at layer 4
+    lost layer 3."""
+    from tvlib.cleanup import CleanupConfig
+    from tvlib.experiments import PromptConfig, cleanup_sweeps, run_cleanup_sweep
+    from tvlib.models import load_model
+    monkeypatch.setattr("tvlib.cache.CACHE_DIR", tmp_path / "cache")
+    lm = load_model("toy", device="cpu")
+    calls, real = [], cleanup_sweeps.cleanup
+
+    def interrupted_at_4(lm, sae, layer, *args, **kwargs):
+        calls.append(layer)
+        if layer == 4 and calls.count(4) == 1:
+            raise KeyboardInterrupt
+        return real(lm, sae, layer, *args, **kwargs)
+
+    monkeypatch.setattr(cleanup_sweeps, "cleanup", interrupted_at_4)
+    cfg, quick = PromptConfig(**QUICK), CleanupConfig(max_steps=3, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_cleanup_sweep(lm, ["antonyms"], [3, 4], cfg, quick)
+    result = run_cleanup_sweep(lm, ["antonyms"], [3, 4], cfg, quick)
+    assert calls == [3, 4, 4]                         # layer 3 was kept
+    assert set(result["scores"].layer.dropna()) == {3, 4}
+
+
+def test_an_interrupted_cleanup_returns_its_last_weights_marked_and_is_never_stored(
+        toy_lm, monkeypatch):
+    import tvlib.cleanup as cleanup_module
+    from tvlib.cleanup import CleanupConfig, cleanup, finished
+    from tvlib.experiments import PromptConfig, build_task_prompts, model_tasks
+    from tvlib.saes import load_sae
+    from tvlib.taskvec import task_vectors
+    prompts = build_task_prompts(toy_lm.tokenizer, model_tasks(toy_lm, ["antonyms"])["antonyms"],
+                                 PromptConfig(**QUICK))
+    tv = task_vectors(toy_lm, prompts.few_shot, [4])[0]
+    sae = load_sae("toy", 4)
+    real = cleanup_module.SteeredNLL
+
+    class StopAtThirdStep(real):
+        calls = 0
+
+        def __call__(self, v):
+            StopAtThirdStep.calls += 1
+            if StopAtThirdStep.calls == 3:
+                raise KeyboardInterrupt
+            return super().__call__(v)
+
+    monkeypatch.setattr(cleanup_module, "SteeredNLL", StopAtThirdStep)
+    cfg = CleanupConfig(max_steps=10, progress=False)
+    with pytest.warns(UserWarning, match="interrupted after [1-9] steps"):
+        result = cleanup(toy_lm, sae, 4, tv, prompts.train, prompts.zero_shot, cfg)
+    assert result.interrupted and 1 <= result.steps < 10 and not result.stopped_early
+    assert torch.isfinite(result.weights).all() and (result.weights > 0).any()
+    assert math.isnan(result.heldout_nll)             # not scored as a finished result
+    with pytest.raises(KeyboardInterrupt, match="not stored"):
+        finished(result)
+    monkeypatch.setattr(cleanup_module, "SteeredNLL", real)
+    whole = cleanup(toy_lm, sae, 4, tv, prompts.train, prompts.zero_shot,
+                    CleanupConfig(max_steps=result.steps, progress=False))
+    torch.testing.assert_close(result.weights, whole.weights)   # the same finished steps
+
+
+def test_flags_and_the_smoke_figures_folder(tmp_path):
+    from tvlib.notebook import check_flags, figures_dir
+    check_flags(SMOKE=True, SUBTRACT_B_DEC=False)
+    for bad in ("false", "False", 0, 1, None):
+        with pytest.raises(ValueError, match="not True or False"):
+            check_flags(SMOKE=bad)
+    assert figures_dir(False, tmp_path) == tmp_path
+    assert figures_dir(True, tmp_path) == tmp_path / "smoke"
+
+
+def test_an_early_stop_ends_its_progress_bar_full_and_says_why(toy_lm, monkeypatch):
+    """A notebook bar closed short of its total is red: every early-stopped cleanup used
+    to look like a failure."""
+    import tvlib.cleanup as cleanup_module
+    from tvlib.cleanup import CleanupConfig, cleanup
+    from tvlib.experiments import PromptConfig, build_task_prompts, model_tasks
+    from tvlib.saes import load_sae
+    from tvlib.taskvec import task_vectors
+    bars = []
+
+    class Recorded(cleanup_module.tqdm):
+        def close(self):
+            bars.append((self.n, self.total, self.postfix))
+            super().close()
+
+    monkeypatch.setattr(cleanup_module, "tqdm", Recorded)
+    prompts = build_task_prompts(toy_lm.tokenizer, model_tasks(toy_lm, ["antonyms"])["antonyms"],
+                                 PromptConfig(**QUICK))
+    tv = task_vectors(toy_lm, prompts.few_shot, [4])[0]
+    result = cleanup(toy_lm, load_sae("toy", 4), 4, tv, prompts.train, None,
+                     CleanupConfig(max_steps=400, patience=5, progress=True))
+    assert result.stopped_early and result.steps < 400
+    n, total, postfix = bars[-1]
+    assert n == total == result.steps
+    assert "stop: no new L0 minimum in 5 steps" in postfix and f"l0={result.l0[-1]}" in postfix

@@ -1,0 +1,132 @@
+"""Fingerprints of what a result is computed from, for cache keys.
+
+``weights_fingerprint`` reads a model's parameters and buffers as they are in memory,
+so that a model edited in place (an ablation, a patched weight, ``p.data.zero_()``,
+which no version counter sees) never shares cache entries with the model its files
+describe. Every bit is read, where the weights are:
+
+- on the CPU, a CRC-32 of each tensor's bytes (zlib, no copy: about 0.5 s for Gemma 3
+  270M's 1 GB on 2 cores, measured in the README's benchmarks);
+- on an accelerator, two integer sums of the bits, plain and weighted by position,
+  computed there in fixed-size chunks (nothing is copied to the host).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from pathlib import Path
+
+import torch
+
+from .paths import REPO_ROOT
+
+_CHUNK = 1 << 24                      # elements per step on an accelerator
+_PRIME = 65521                        # position weights cycle through 1 .. _PRIME - 1
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bits as a flat integer tensor (same memory where it can be)."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    if flat.dtype == torch.bool:
+        return flat.to(torch.uint8)
+    if flat.is_complex():
+        flat = torch.view_as_real(flat).reshape(-1)
+    size = flat.element_size()
+    return flat.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size])
+
+
+def device_checksum(bits: torch.Tensor) -> tuple[int, int]:
+    """(sum, position-weighted sum) of integer ``bits`` in wrapping int64, computed on
+    their device in chunks."""
+    total = torch.zeros((), dtype=torch.int64, device=bits.device)
+    weighted = torch.zeros((), dtype=torch.int64, device=bits.device)
+    weights = torch.arange(1, _CHUNK + 1, device=bits.device, dtype=torch.int64) % _PRIME
+    for index, start in enumerate(range(0, bits.numel(), _CHUNK)):
+        chunk = bits[start:start + _CHUNK].to(torch.int64)
+        total += chunk.sum()
+        weighted += (chunk * weights[:chunk.numel()]).sum() * (index + 1)
+    return int(total), int(weighted)
+
+
+def tensor_checksum(tensor: torch.Tensor) -> str:
+    """A checksum of the tensor's dtype, shape and every bit of its values."""
+    bits = _bits(tensor)
+    if bits.device.type == "cpu":
+        value = f"crc32:{zlib.crc32(bits.numpy().data):08x}" if bits.numel() else "empty"
+    else:
+        value = "sums:{}:{}".format(*device_checksum(bits))
+    return f"{str(tensor.dtype).removeprefix('torch.')}{tuple(tensor.shape)}:{value}"
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """A digest of every parameter's and buffer's name, dtype, shape and bits."""
+    sha = hashlib.sha256()
+    tensors = dict(module.named_parameters(remove_duplicate=True))
+    tensors.update(module.named_buffers(remove_duplicate=True))
+    for name in sorted(tensors):
+        sha.update(f"{name}={tensor_checksum(tensors[name])};".encode())
+    return sha.hexdigest()[:16]
+
+
+def _short(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+_FILE_DIGESTS: dict[tuple, str] = {}
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, remembered while the file is unchanged.
+
+    Unchanged: the same inode, size, mtime and ctime. The ctime is the one the
+    tools that restore an old mtime (``cp -p``, tar, ``rsync -a``) cannot set: any
+    write, replacement or ``utime`` moves it. A file in the Hugging Face hub cache
+    is a link to a blob named by its content hash; that name is used without
+    reading the file.
+    """
+    path = Path(path)
+    target = path.resolve()
+    if path.is_symlink() and target.parent.name == "blobs":
+        return f"blob:{target.name}"
+    stat = target.stat()
+    memo = (str(target), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    if memo not in _FILE_DIGESTS:
+        sha = hashlib.sha256()
+        with open(target, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                sha.update(block)
+        _FILE_DIGESTS[memo] = sha.hexdigest()
+    return _FILE_DIGESTS[memo]
+
+
+def folder_digest(folder: Path) -> str:
+    """A digest of every file under ``folder`` (hidden files and folders left out)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"cannot fingerprint {folder}: not a folder")
+    entries = {}
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if path.is_file() and not any(part.startswith(".") for part in relative.parts):
+            entries[str(relative)] = file_digest(path)
+    if not entries:
+        raise FileNotFoundError(f"cannot fingerprint {folder}: it holds no files")
+    return _short(json.dumps(entries, sort_keys=True))
+
+
+# Modules that never compute a cached result: figures, notebook plumbing, and the
+# builders of SAEs, corpora and the embedded model (their outputs are files, which
+# enter keys by their own digests). Every other tvlib module is in the code fingerprint.
+NOT_COMPUTING = ("plotting.py", "notebook.py", "offline_saes.py", "prose_text.py",
+                 "generated_text.py", "residual_store.py", "standins.py", "toy")
+
+
+def code_fingerprint() -> dict[str, str]:
+    """{module path: digest} of the tvlib source a cached result may be computed by: an
+    edited loss, view or scoring step is a different result, never an old one."""
+    package = REPO_ROOT / "tvlib"
+    return {str(path.relative_to(package)): file_digest(path)[:16]
+            for path in sorted(package.rglob("*.py"))
+            if path.relative_to(package).parts[0] not in NOT_COMPUTING}
