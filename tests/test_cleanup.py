@@ -283,13 +283,21 @@ def test_same_seed_same_result(toy_lm, setup):
     assert a.loss == b.loss and torch.equal(a.weights, b.weights)
 
 
-def test_nan_loss_stops_with_clear_error(toy_lm, setup):
+def test_an_sae_with_nan_weights_is_refused_not_blamed_on_lr(toy_lm, setup):
     s = setup
     broken = copy.deepcopy(s["sae"])
     with torch.no_grad():
-        broken.b_dec[0] = float("nan")          # every steering vector is NaN
-    with pytest.raises(CleanupDiverged, match="at step 0 .*layer 3.*lower CleanupConfig.lr"):
+        broken.b_dec[0] = float("nan")          # every steering vector would be NaN
+    with pytest.raises(ValueError, match="holds 1 NaN or infinite values in b_dec"):
         cleanup(toy_lm, broken, s["layer"], s["tv"], s["train"], cfg=FAST)
+
+
+def test_a_diverging_cleanup_is_refused_not_returned_as_cleaned(toy_lm, setup):
+    s = setup
+    with pytest.raises(CleanupDiverged, match="diverged: the training objective .* rose from "
+                                              ".*layer 3.*lower CleanupConfig.lr"):
+        cleanup(toy_lm, s["sae"], s["layer"], s["tv"], s["train"],
+                cfg=CleanupConfig(lr=1e3, max_steps=60, patience=200, progress=False))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -239,3 +239,16 @@ def test_lambda_sweep_takes_a_task_path(toy_lm, tmp_path, monkeypatch):
     quick = CleanupConfig(max_steps=2, patience=2, progress=False)
     sweep = lambda_sweep(toy_lm, str(TASKS_DIR / "antonyms.json"), 4, [0.01], TINY, quick)
     assert sweep.task.tolist() == ["antonyms"]
+
+
+def test_the_embedded_model_refuses_inputs_longer_than_it_was_trained_on(toy_lm):
+    """Its rotary config allows 512 positions, but it was trained on 128 tokens: prompts
+    of 200-370 tokens gave NLL 3-9 instead of an error."""
+    from tvlib.models import context_length, trace
+    assert toy_lm._module.config.max_position_embeddings == 512
+    assert context_length(toy_lm) == 128
+    ids = torch.full((1, 200), 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="inputs of 200 tokens are longer than the model's "
+                                         "context of 128 tokens"):
+        with trace(toy_lm, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}):
+            pass

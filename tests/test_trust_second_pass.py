@@ -1,5 +1,6 @@
 """Second trust pass: inputs that used to give silently wrong results or lose work."""
 
+import dataclasses
 import math
 import os
 
@@ -201,3 +202,59 @@ def test_an_early_stop_ends_its_progress_bar_full_and_says_why(toy_lm, monkeypat
     n, total, postfix = bars[-1]
     assert n == total == result.steps
     assert "stop: no new L0 minimum in 5 steps" in postfix and f"l0={result.l0[-1]}" in postfix
+
+
+def test_broken_json_files_are_named_in_the_error(tmp_path):
+    import shutil
+
+    from tvlib.features import corpus_texts
+    from tvlib.paths import TOY_DIR
+    from tvlib.presets import get_preset, preset_to_json
+    from tvlib.saes import load_sae
+    folder = tmp_path / "toy-copy"
+    shutil.copytree(TOY_DIR / "saes", folder / "saes")
+    (folder / "corpus.json").write_text('["a text", ')
+    preset = dataclasses.replace(get_preset("toy"), name="toy-copy",
+                                 sae_dir=str(folder / "saes"), corpus=str(folder / "corpus.json"))
+    preset_to_json(preset, folder / "preset.json")
+    with pytest.raises(ValueError, match="corpus file .*corpus.json is not valid UTF-8 JSON"):
+        corpus_texts(str(folder))
+    cfg = next((folder / "saes").glob("*4*")) / "cfg.json"
+    cfg.write_text("{broken")
+    with pytest.raises(ValueError, match="SAE folder .* cannot be loaded: its cfg.json"):
+        load_sae(str(folder), 4, device="cpu")
+    (folder / "preset.json").write_text("{broken")
+    with pytest.raises(ValueError, match="preset.json is not a valid preset.json"):
+        get_preset(str(folder))
+    (folder / "preset.json").write_text('{"name": "x"}')
+    with pytest.raises(ValueError, match="preset.json is not a valid preset.json"):
+        get_preset(str(folder))
+
+
+def test_the_features_per_task_figure_draws_a_pursuit_start():
+    """INIT = "pursuit" in notebook 04 used to fail at this figure with KeyError 'recon'."""
+    from tvlib.experiments.schema import CLEANED, PURSUIT_START, RECON, TV
+    from tvlib.plotting import plot_l0_per_task
+    rows = [{"task": t, "layer": 4, "vector": TV, "view": v, "l0": l0}
+            for t in ("antonyms", "en_es") for v, l0 in ((PURSUIT_START, 7), (CLEANED, 2))]
+    fig = plot_l0_per_task(pd.DataFrame(rows), 4)
+    assert "pursuit start of TV" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    both = pd.DataFrame(rows + [{**rows[0], "view": RECON}])
+    with pytest.raises(ValueError, match="one cleanup at layer 4"):
+        plot_l0_per_task(both, 4)
+
+
+def test_notebook_02s_task_vector_is_notebook_01s(toy_lm):
+    """The mean residual over positions was written three times; notebook 02's TV came from
+    another code path than 01's and 04's. Now one function: the same numbers exactly."""
+    from tvlib.experiments import PromptConfig, build_task_prompts, model_tasks
+    from tvlib.experiments.sae_view_sweeps import sae_view_layers
+    from tvlib.experiments.schema import RAW
+    from tvlib.experiments.task_vector_sweeps import task_vector_layers
+    prompts = build_task_prompts(toy_lm.tokenizer, model_tasks(toy_lm, ["en_es"])["en_es"],
+                                 PromptConfig(**QUICK))
+    views = dict(sae_view_layers(toy_lm, prompts, [2, 4]))
+    plain = dict(task_vector_layers(toy_lm, prompts, [2, 4]))
+    for layer in (2, 4):
+        raw = views[layer][views[layer].view == RAW]
+        assert raw.nll.tolist() == plain[layer].nll.tolist()

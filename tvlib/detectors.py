@@ -17,6 +17,7 @@ from .engine import collect_residuals
 from .prompt_batch import PromptBatch
 from .prompts import fixed_demo_prompts, Prompt, PromptFormat
 from .tasks import Task
+from .taskvec import position_mean
 
 PLACEHOLDER_PAIR = ("X", "Y")   # the literal one-shot example of detector prompts
 
@@ -40,4 +41,4 @@ def detector_vectors(lm, few_shot: PromptBatch, layers, batch_size: int = 64) ->
     """
     resid = collect_residuals(lm, few_shot.model_inputs(), layers, few_shot.answer_end_pos,
                               batch_size)                                 # (L, B, D, d)
-    return resid.flatten(1, 2).nanmean(1)
+    return position_mean(resid)

@@ -39,7 +39,16 @@ def corpus_texts(preset, n_texts: int = 2000) -> list[str]:
     if path.suffix == ".json":
         if not path.is_file():
             raise FileNotFoundError(f"corpus file {path} does not exist")
-        return json.loads(path.read_text(encoding="utf-8"))[:n_texts]
+        try:
+            texts = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ValueError(f"corpus file {path} is not valid UTF-8 JSON ({err}): restore it "
+                             "(git, or rebuild it) or point the preset's corpus elsewhere") from None
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"corpus file {path} must hold a JSON list of strings, not "
+                             f"{type(texts).__name__}" + (" with other items" if
+                                                          isinstance(texts, list) else ""))
+        return texts[:n_texts]
     import datasets
     with hub_files(preset.corpus, "dataset", "*", repo_type="dataset"):
         rows = datasets.load_dataset(preset.corpus, split=f"train[:{n_texts}]")

@@ -116,12 +116,16 @@ def to_model(lm, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def context_length(lm) -> int | None:
-    """The longest input the model's position embeddings cover (None if it records none)."""
+    """The longest input the model handles: what its position embeddings cover, or what it
+    was trained on where the preset records less (``trained_context``); None if neither
+    is recorded."""
     config = lm._module.config
-    for name in ("max_position_embeddings", "n_positions"):
-        if getattr(config, name, None):
-            return int(getattr(config, name))
-    return None
+    limits = [int(getattr(config, name)) for name in ("max_position_embeddings", "n_positions")
+              if getattr(config, name, None)][:1]
+    preset = getattr(lm, "preset", None)
+    if preset is not None and preset.trained_context:
+        limits.append(int(preset.trained_context))
+    return min(limits) if limits else None
 
 
 def trace(lm, inputs: dict[str, torch.Tensor]):

@@ -16,7 +16,7 @@ import pandas as pd
 
 from .cache import write_atomic
 from .experiments.schema import (CLEANED, DETECTOR, ICL, ITO, ON_RECON, ONE_SHOT, PURSUIT_START,
-                                 RAW, RECON, TV, ZERO_SHOT)
+                                 RAW, RECON, START_VIEWS, TV, ZERO_SHOT)
 from .paths import FIGURES_DIR
 
 STYLE = {
@@ -150,15 +150,22 @@ def plot_ito_sweep(results: pd.DataFrame, title: str = ""):
 
 
 def plot_l0_per_task(scores: pd.DataFrame, layer: int, title: str = ""):
-    """Active features of the SAE encoding ("Recon of TV") vs the cleaned TV, per task."""
+    """Active features of the cleanup's start (the SAE encoding, "Recon of TV", or the
+    pursuit start with ``init="pursuit"``) vs the cleaned TV, per task."""
     rows = scores[(scores.layer == layer) & (scores.vector == TV)
-                  & scores.view.isin([RECON, CLEANED])]
+                  & scores.view.isin([*START_VIEWS, CLEANED])]
+    starts = [v for v in START_VIEWS if v in set(rows.view)]
+    if len(starts) != 1 or CLEANED not in set(rows.view):
+        raise ValueError(f"expected the TV rows of one cleanup at layer {layer} (a start view "
+                         f"of {START_VIEWS} and {CLEANED!r}), found views "
+                         f"{sorted(set(rows.view))}: pass run_cleanup_sweep's scores")
+    start = starts[0]
     table = rows.pivot_table(index="task", columns="view", values="l0", sort=False)
     with styled():
         fig, ax = plt.subplots(figsize=(max(3.5, 0.45 * len(table) + 1.5), 2.8))
         x = range(len(table))
-        ax.bar([i - 0.2 for i in x], table[RECON], 0.4, label="SAE encoding of TV",
-               color="tab:orange")
+        label = "SAE encoding of TV" if start == RECON else "pursuit start of TV"
+        ax.bar([i - 0.2 for i in x], table[start], 0.4, label=label, color="tab:orange")
         ax.bar([i + 0.2 for i in x], table[CLEANED], 0.4, label="cleaned TV",
                color="tab:purple")
         ax.set_xticks(list(x), table.index, rotation=45, ha="right")

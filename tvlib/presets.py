@@ -37,6 +37,9 @@ class Preset:
     detector_layer: int = 11        # resid_pre layer of its detector features
     max_pairs_per_task: int | None = None   # the embedded model knows only the first pairs
     corpus: str | None = "NeelNanda/pile-10k"  # texts for reading features: JSON file or dataset
+    # the longest input the model was trained on, where shorter than its config's positions
+    # (the embedded model: 128, while its rotary config allows 512); None: the config's
+    trained_context: int | None = None
 
     def __post_init__(self):
         if self.sae_site not in ("resid_pre", "resid_post"):
@@ -61,7 +64,7 @@ PRESETS: dict[str, Preset] = {
     "toy": Preset("toy", str(TOY_DIR / "model"), "resid_pre", tuple(range(6)),
                   sae_dir=str(TOY_DIR / "saes"), n_shots=8, dtype_cuda="float32",
                   task_layer=4, detector_layer=3, max_pairs_per_task=100,
-                  corpus=str(TOY_DIR / "corpus.json")),
+                  corpus=str(TOY_DIR / "corpus.json"), trained_context=128),
     "gpt2": Preset("gpt2", "gpt2", "resid_pre", tuple(range(12)),
                    sae_release="gpt2-small-res-jb", sae_id="blocks.{layer}.hook_resid_pre",
                    n_shots=10, dtype_cuda="float32", task_layer=6, detector_layer=5),
@@ -130,8 +133,13 @@ def preset_to_json(preset: Preset, path: Path) -> None:
 def preset_from_json(path: Path) -> Preset:
     """A preset from JSON; relative paths are taken from the JSON file's folder."""
     path = Path(path)
-    fields = json.loads(path.read_text())
-    fields["sae_layers"] = tuple(fields["sae_layers"])
+    try:
+        fields = json.loads(path.read_text())
+        fields["sae_layers"] = tuple(fields["sae_layers"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a valid preset.json ({type(err).__name__}: {err}): it "
+                         "must be a JSON object with the Preset fields (name, model_id, sae_site, "
+                         "sae_layers, ...); write it with tvlib.presets.preset_to_json") from None
     for key in ("model_id", "sae_dir", "corpus"):
         value = fields.get(key)
         if not value or Path(value).is_absolute():
@@ -143,4 +151,8 @@ def preset_from_json(path: Path) -> Preset:
             raise FileNotFoundError(
                 f"{path} names {key} {value!r}, which is not in {path.parent}: copy the "
                 "whole preset folder, or write an absolute path")
-    return Preset(**fields)
+    try:
+        return Preset(**fields)
+    except TypeError as err:            # a missing or unknown field
+        raise ValueError(f"{path} is not a valid preset.json ({err}): its fields must be "
+                         f"those of tvlib.presets.Preset") from None

@@ -7,6 +7,8 @@ import re
 from numbers import Integral
 from pathlib import Path
 
+import torch
+
 from .authors_sae import load_authors_sae
 from .hub import download_first_folder, hub_files
 from .models import d_model, default_device
@@ -59,7 +61,13 @@ def load_sae(preset: str | Preset, layer: int, device: str | None = None):
                                encoding=preset.sae_encoding)
     else:
         from sae_lens import SAE
-        sae = SAE.load_from_disk(str(folder), device=device)
+        try:
+            sae = SAE.load_from_disk(str(folder), device=device)
+        except (ValueError, KeyError, TypeError) as err:    # JSONDecodeError is a ValueError
+            raise ValueError(f"the SAE folder {folder} cannot be loaded: its cfg.json is broken "
+                             f"or incomplete ({type(err).__name__}: {err}); restore the folder "
+                             "(git, or rebuild the SAEs)") from None
+    check_sae_finite(sae, f"the SAE in {folder}")
     recorded = sae_site(sae)
     if recorded != ("resid_pre", layer):
         found = "no site" if recorded is None else f"resid_pre {recorded[1]}"
@@ -145,13 +153,27 @@ def _record_text(sae) -> str:
             f" layer={getattr(meta, 'layer', None)!r}")
 
 
+def check_sae_finite(sae, name: str = "this SAE") -> None:
+    """Fail if any of the SAE's weights is NaN or infinite (a damaged file or an edit):
+    every result computed through it would be NaN, and the error would name another
+    cause (a cleanup's learning rate)."""
+    for param_name, tensor in [*sae.named_parameters(), *sae.named_buffers()]:
+        bad = int((~torch.isfinite(tensor.detach())).sum()) if tensor.is_floating_point() else 0
+        if bad:
+            raise ValueError(f"{name} holds {bad} NaN or infinite values in {param_name}: "
+                             "reload it from its files (or rebuild them); an SAE is never "
+                             "used with non-finite weights")
+
+
 def check_sae_site(sae, lm, layer: int) -> None:
-    """Fail unless ``sae`` fits the model's width and records that it reads resid_pre ``layer``.
+    """Fail unless ``sae`` fits the model's width, has finite weights and records that it
+    reads resid_pre ``layer``.
 
     ``lm`` may be None where no model is involved (then only the site is checked).
     """
     if lm is not None:
         check_sae_fits(sae, lm)
+    check_sae_finite(sae)
     recorded = sae_site(sae)
     if recorded is None:
         raise ValueError(

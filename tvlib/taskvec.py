@@ -8,6 +8,13 @@ from .engine import collect_residuals
 from .prompt_batch import PromptBatch
 
 
+def position_mean(resid: torch.Tensor) -> torch.Tensor:
+    """(L, B, S, d) residuals, NaN where a prompt has no S-th position -> (L, d), their
+    mean over every position present: the one definition of a mean-residual vector
+    (task vectors, detector vectors, notebook 02's TV)."""
+    return resid.flatten(1, 2).nanmean(1)
+
+
 def task_vectors(lm, few_shot: PromptBatch, layers, positions: str = "all",
                  batch_size: int = 64) -> torch.Tensor:
     """Mean resid_pre at separators of the few-shot prompts, for each layer: (n_layers, d).
@@ -23,4 +30,4 @@ def task_vectors(lm, few_shot: PromptBatch, layers, positions: str = "all",
     else:
         raise ValueError(f"positions must be 'all' or 'last', not {positions!r}")
     resid = collect_residuals(lm, few_shot.model_inputs(), layers, pos, batch_size)   # (L, B, S, d)
-    return resid.flatten(1, 2).nanmean(1)
+    return position_mean(resid)

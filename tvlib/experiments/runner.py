@@ -43,7 +43,7 @@ def run_per_task(experiment: str, lm, tasks, prompt_cfg: PromptConfig, settings:
     return merged["table"] if list(merged) == ["table"] else merged
 
 
-BASELINES = ("zero-shot", "detector", None)
+BASELINE_KINDS = ("zero-shot", "detector", None)   # which baseline rows a sweep puts first
 
 
 def run_per_layer(experiment: str, lm, tasks, layers, prompt_cfg: PromptConfig,
@@ -61,8 +61,8 @@ def run_per_layer(experiment: str, lm, tasks, layers, prompt_cfg: PromptConfig,
     result has the form ``compute`` gives, each table concatenated over tasks and layers.
     ``batch_size`` is the baselines' (it does not change their numbers, so it is not keyed).
     """
-    if baselines not in BASELINES:
-        raise ValueError(f"baselines={baselines!r}: pass one of {BASELINES}")
+    if baselines not in BASELINE_KINDS:
+        raise ValueError(f"baselines={baselines!r}: pass one of {BASELINE_KINDS}")
     if not layers:
         raise ValueError(f"{experiment}: no layers to run; pass at least one layer")
     parts: dict[str, list] = {}

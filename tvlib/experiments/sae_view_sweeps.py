@@ -12,7 +12,7 @@ from ..models import check_layers
 from ..saes import SAEShelf, check_sae_site, load_sae, model_shelf
 from ..prompt_batch import PromptBatch
 from ..sae_views import ITO_L0, decode, encode, ito, recon_of_tv, tv_on_recon
-from ..taskvec import task_vectors
+from ..taskvec import position_mean, task_vectors
 from .prompt_setup import (PromptConfig, TaskPrompts, build_task_prompts, layers_with_sae,
                            model_tasks, prompt_config)
 from .runner import positive_ints, run_per_layer, run_per_task
@@ -50,10 +50,10 @@ def sae_view_layers(lm, prompts: TaskPrompts, layers, target_l0: int = ITO_L0,
     name = prompts.task.name
     saes = model_shelf(lm, saes)
     resid = separator_residuals(lm, prompts.few_shot, layers, batch_size)   # (L, B, S, d)
-    for layer, layer_resid in zip(layers, resid):
+    tvs = position_mean(resid)                                              # (L, d)
+    for layer, layer_resid, tv in zip(layers, resid, tvs):
         sae = saes[layer]
         check_sae_site(sae, lm, layer)
-        tv = layer_resid.flatten(0, 1).nanmean(0)                            # (d,)
         views = [(RAW, None, tv), (RECON, None, recon_of_tv(sae, tv, layer)),
                  (ON_RECON, None, tv_on_recon(sae, layer_resid, layer)),
                  (ITO, target_l0, ito(sae, tv, layer, target_l0, subtract_b_dec)[0])]
