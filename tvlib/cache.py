@@ -69,17 +69,21 @@ def _canonical(obj) -> str:
 
 # ---------------------------------------------------------------- the key
 
-def result_key(experiment: str, lm, sae_layers: Iterable[int] = (), **config) -> dict:
+def result_key(experiment: str, lm, sae_layers: Iterable[int] = (), *,
+               identity: dict | None = None, **config) -> dict:
     """Everything a cached result of ``experiment`` depends on.
 
     lm: the model (its preset names the model's and the SAEs' sources);
     sae_layers: resid_pre layers whose SAE the experiment uses;
+    identity: ``models.model_identity(lm)``, when a caller keys many entries at once
+    (it reads every weight: computed once per call, never kept between calls);
     config: the experiment's settings (dataclasses, lists, numbers, strings).
     """
     from .models import model_identity
     from .saes import sae_identity
     return {"format": RESULT_FORMAT, "experiment": experiment,
-            "model": model_identity(lm), "code": code_fingerprint(),
+            "model": identity if identity is not None else model_identity(lm),
+            "code": code_fingerprint(),
             "saes": {str(layer): sae_identity(lm.preset, layer)
                      for layer in sorted(set(sae_layers))},
             "libraries": {name: version(name) for name in LIBRARIES},

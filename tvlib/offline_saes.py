@@ -244,7 +244,7 @@ def sweep(prepared: Prepared, cfg: BuildConfig, cache_dir: Path, log=print) -> l
     """Each of ``cfg.sweep``'s settings trained at ``cfg.sweep_layer`` on the first
     ``cfg.sweep_tokens`` training residuals and measured on both held-out sets."""
     layer = cfg.sweep_layer or prepared.preset.resid_pre_layers_with_sae()[-1]
-    mean = read_layer(prepared.stores["train"], layer).float().mean(0)
+    mean = read_layer(prepared.stores["train"], layer).mean(0, dtype=torch.float32)
     n = min(cfg.sweep_tokens, int(prepared.train_rows[1].sum()))
     rows = []
     for training in cfg.sweep:
@@ -314,7 +314,7 @@ def build(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = BuildCon
             t_layer = time.time()
             block = layer - 1
             training = dataclasses.replace(chosen, seed=chosen.seed + layer)
-            means[layer] = read_layer(stores["train"], layer).float().mean(0)
+            means[layer] = read_layer(stores["train"], layer).mean(0, dtype=torch.float32)
             sae = trained_sae(stores["train"], layer, training, cache_dir, log=log)
             sae.cfg.metadata.model_name = preset.name
             # measured as saved (matrices in save_dtype), not as trained

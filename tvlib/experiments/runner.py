@@ -16,6 +16,7 @@ import pandas as pd
 from ..cache import cached_groups, cached_table, cached_tables, digest, result_key
 from ..cleanup import CleanupConfig
 from ..engine import score
+from ..models import model_identity
 from .prompt_setup import PromptConfig, TaskPrompts, build_task_prompts, model_tasks
 from .schema import ICL, ONE_SHOT, ZERO_SHOT, score_row
 
@@ -66,6 +67,7 @@ def run_per_layer(experiment: str, lm, tasks, layers, prompt_cfg: PromptConfig,
     if not layers:
         raise ValueError(f"{experiment}: no layers to run; pass at least one layer")
     parts: dict[str, list] = {}
+    identity = model_identity(lm)      # reads every weight: once for all of this call's keys
     for name, task in model_tasks(lm, tasks).items():
         prompts = {}
 
@@ -80,12 +82,12 @@ def run_per_layer(experiment: str, lm, tasks, layers, prompt_cfg: PromptConfig,
                 yield layer, {"table": t} if isinstance(t, pd.DataFrame) else t
 
         keys = {layer: result_key(experiment, lm, [layer] if uses_saes else [],
-                                  task=digest(task), prompts=prompt_cfg, layer=layer,
-                                  **settings) for layer in layers}
+                                  identity=identity, task=digest(task), prompts=prompt_cfg,
+                                  layer=layer, **settings) for layer in layers}
         by_layer = cached_groups(keys, compute_missing, refresh=refresh)
         if baselines is not None:
-            key = result_key("baselines", lm, [], task=digest(task), prompts=prompt_cfg,
-                             kind=baselines)
+            key = result_key("baselines", lm, [], identity=identity, task=digest(task),
+                             prompts=prompt_cfg, kind=baselines)
             base = cached_table(key, lambda: baseline_table(
                 lm, task_prompts(), batch_size, detector=baselines == "detector"),
                 refresh=refresh)
