@@ -22,7 +22,7 @@ from tvlib.feature_weights import activation_function, feature_units, initial_th
 from tvlib.experiments import PromptConfig, build_task_prompts, model_tasks
 from tvlib.models import load_model
 from tvlib.saes import load_sae
-from tvlib.engine import answer_nll
+from tvlib.scoring import answer_nll
 from tvlib.taskvec import task_vectors
 
 

@@ -18,7 +18,8 @@ from common import add_at, parse_args
 
 from tvlib.experiments import PromptConfig, build_task_prompts, model_tasks
 from tvlib.models import load_model
-from tvlib.engine import Steering, answer_nll, score
+from tvlib.interventions import Steering
+from tvlib.scoring import answer_nll, score
 from tvlib.taskvec import task_vectors
 
 TASKS = ["antonyms", "en_es", "country_capital", "present_simple_past_simple"]

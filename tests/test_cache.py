@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tvlib.cache import (CacheWarning, cached_table, cached_tables, digest, result_key,
-                         write_atomic)
+from tvlib.cache import CacheWarning, cached_table, cached_tables, write_atomic
+from tvlib.fingerprints import digest
+from tvlib.result_keys import result_key
 from tvlib.experiments import PromptConfig, run_sae_view_sweep
 from tvlib.models import load_model
 from tvlib.presets import get_preset, preset_to_json, PRESETS

@@ -17,7 +17,8 @@ from tvlib.saes import load_sae
 from tvlib.prompt_batch import tokenize_prompts
 from tvlib.prompts import few_shot_prompts, zero_shot_prompts
 from tvlib.pursuit import gradient_pursuit
-from tvlib.engine import Steering, answer_nll, score
+from tvlib.interventions import Steering
+from tvlib.scoring import answer_nll, score
 from tvlib.taskvec import task_vectors
 from tvlib.tasks import load_task
 

@@ -10,7 +10,8 @@ from tvlib.controls import (RULES, ControlsConfig, choose_scale, cleaned_norm_tv
                             hand_picked_features, random_direction_grid, random_direction_rows,
                             random_directions, scaled_tv_rows, tune_config,
                             tuned_hand_picked_rows)
-from tvlib.engine import Steering, score
+from tvlib.interventions import Steering
+from tvlib.scoring import score
 from tvlib.experiments import (AT_CLEANED_NORM, BEST_SCALED, CLEANED, RANDOM, RAW, SCALED,
                                TUNED_TOP_COSINE, TUNED_TOP_ENCODING, TV, PromptConfig,
                                build_task_prompts, controls_report, controls_summary,

@@ -4,7 +4,7 @@ import torch
 from tvlib.features import (LOGIT_COLUMNS, corpus_texts, examples_html, logit_table,
                             neuronpedia_url, read_features, tokenize_corpus, visible_token)
 from tvlib.saes import load_sae
-from tvlib.engine import collect_residuals
+from tvlib.interventions import collect_residuals
 
 
 @pytest.fixture(scope="module")

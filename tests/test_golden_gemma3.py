@@ -14,7 +14,7 @@ from tvlib.features import corpus_texts, tokenize_corpus
 from tvlib.models import load_model
 from tvlib.saes import load_sae
 from tvlib.sae_training import sae_quality
-from tvlib.engine import collect_residuals
+from tvlib.interventions import collect_residuals
 
 PRESET = "gemma-3-270m-offline"
 TASKS = ("country_capital", "antonyms")

@@ -21,7 +21,8 @@ from tvlib.presets import get_preset, PRESETS
 from tvlib.saes import load_sae
 from tvlib.saes import check_sae_site, sae_site
 from tvlib.standins import ARCHITECTURES, make_standin, sae_architecture
-from tvlib.engine import Steering, score
+from tvlib.interventions import Steering
+from tvlib.scoring import score
 from tvlib.taskvec import task_vectors
 from tvlib.tasks import load_task
 

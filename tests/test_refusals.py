@@ -13,7 +13,8 @@ from tvlib.experiments import (PromptConfig, build_task_prompts, run_sae_view_sw
 from tvlib.features import neuronpedia_url, read_features, tokenize_corpus
 from tvlib.saes import load_sae
 from tvlib.steering import feature_directions, steering_grid
-from tvlib.engine import Steering, collect_residuals, score
+from tvlib.interventions import Steering, collect_residuals
+from tvlib.scoring import score
 from tvlib.taskvec import task_vectors
 from tvlib.tasks import load_task
 

@@ -7,7 +7,7 @@ from tvlib.saes import check_sae_site, load_sae, sae_site
 from tvlib.prompt_batch import tokenize_prompts
 from tvlib.prompts import few_shot_prompts
 from tvlib.sae_views import ito, recon_of_tv, tv_on_recon
-from tvlib.engine import collect_residuals
+from tvlib.interventions import collect_residuals
 from tvlib.tasks import load_task
 
 ARCHITECTURES = {

@@ -131,7 +131,8 @@ def test_an_answer_before_the_steer_token_is_refused(models):
 def test_positions_before_the_traced_tokens_are_refused(models):
     """A trace of the prompts' later tokens cannot steer or score an earlier one: the
     shifted position would be negative and index from the end."""
-    from tvlib.engine import Steering, apply_steering, logits_at_targets
+    from tvlib.interventions import Steering, apply_steering
+    from tvlib.scoring import logits_at_targets
     from tvlib.models import trace
     lm = models["toy"]
     batch = tokenize_prompts(lm.tokenizer, zero_shot_prompts(PAIRS, task="mixed"))

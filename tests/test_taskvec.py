@@ -7,7 +7,8 @@ import torch
 from tvlib.models import check_layer, load_model, n_layers
 from tvlib.prompt_batch import tokenize_prompts
 from tvlib.prompts import few_shot_prompts, zero_shot_prompts
-from tvlib.engine import Steering, collect_residuals, score
+from tvlib.interventions import Steering, collect_residuals
+from tvlib.scoring import score
 from tvlib.taskvec import task_vectors
 from tvlib.tasks import load_task
 
@@ -142,7 +143,7 @@ def test_logits_are_kept_only_on_request(toy_lm, zero):
 def test_logits_only_at_scored_positions_match_full_logits(toy_lm):
     """The unembedding runs on the positions that predict answers only; same numbers."""
     from tvlib.prompts import zero_shot_prompts
-    from tvlib.engine import answer_nll
+    from tvlib.scoring import answer_nll
     batch = tokenize_prompts(toy_lm.tokenizer, zero_shot_prompts(
         [("hot", "cold"), ("france", "north america"), ("up", "down")], task="mixed"))
     seen = []

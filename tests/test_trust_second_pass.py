@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tvlib.cache import file_digest
+from tvlib.fingerprints import file_digest
 from tvlib.experiments import earliest_effective_layer
 
 
@@ -258,3 +258,30 @@ def test_notebook_02s_task_vector_is_notebook_01s(toy_lm):
     for layer in (2, 4):
         raw = views[layer][views[layer].view == RAW]
         assert raw.nll.tolist() == plain[layer].nll.tolist()
+
+
+def test_an_sae_that_records_another_model_is_refused(tmp_path, toy_lm):
+    import json
+    import shutil
+
+    from tvlib.paths import TOY_DIR
+    from tvlib.presets import get_preset
+    from tvlib.saes import check_sae_site, load_sae
+    sae = load_sae("toy", 4, device="cpu")
+    check_sae_site(sae, toy_lm, 4)                       # "toy", as the embedded SAEs record
+    sae.cfg.metadata.model_name = "google/gemma-2-2b"
+    with pytest.raises(ValueError, match="trained on model 'google/gemma-2-2b', but preset "
+                                         "'toy' runs"):
+        check_sae_site(sae, toy_lm, 4)
+    sae.cfg.metadata.model_name = None                   # no record: width and site checked
+    check_sae_site(sae, toy_lm, 4)
+
+    shutil.copytree(TOY_DIR / "saes", tmp_path / "saes")
+    cfg_path = next((tmp_path / "saes").glob("*4*")) / "cfg.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["metadata"]["model_name"] = "gpt2-small"
+    cfg_path.write_text(json.dumps(cfg))
+    preset = dataclasses.replace(get_preset("toy"), sae_dir=str(tmp_path / "saes"))
+    with pytest.raises(ValueError, match=r"the SAE in .*saes/.* records that it was trained on "
+                                         r"model 'gpt2-small'.*metadata.model_name"):
+        load_sae(preset, 4, device="cpu")

@@ -99,7 +99,8 @@ def convert_authors_weights(weights: dict[str, torch.Tensor], hook_name: str = "
     if encoding == "training" and (scale <= 0).any():
         raise ValueError("the authors' SAE has a non-positive gate scale; cannot convert")
 
-    metadata = SAEMetadata(hook_name=hook_name, model_name="google/gemma-2b-it")
+    # their files record no model (nor site): none is claimed here
+    metadata = SAEMetadata(hook_name=hook_name)
     cfg = JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=False,
                             device=device, metadata=metadata)
     sae = JumpReLUSAE(cfg)

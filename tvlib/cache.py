@@ -1,14 +1,6 @@
-"""Tidy result tables cached under one key that covers everything they depend on.
-
-The key (``result_key``) is built in one place for every cached experiment. It
-holds the experiment's name and configuration, a digest of every file of the
-model (weights, config, tokenizer) and a fingerprint of its weights as they are in
-memory (an ablated or patched model is another model), a digest of every file of
-each SAE used and how it was loaded, the model's dtype and device kind, a digest of
-the tvlib source that computes results (``fingerprints.code_fingerprint``), the
-versions of the libraries that compute, and ``RESULT_FORMAT``. Any change to one of
-them is a different entry: a cache never serves numbers computed from other
-weights, SAEs, settings or code.
+"""Tidy result tables stored under a key (``result_keys.result_key``) that covers
+everything they depend on: a cache never serves numbers computed from other weights,
+SAEs, settings or code. This module only stores and reads.
 
 An entry is ``{cache_dir}/{experiment}/{hash}.{part}.parquet`` beside
 ``{hash}.json``, the record, written last: it holds the full key and the
@@ -29,65 +21,20 @@ import os
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, is_dataclass
-from importlib.metadata import version
 from pathlib import Path
 
 import pandas as pd
 
-from .fingerprints import code_fingerprint, file_digest, folder_digest  # noqa: F401
+from .fingerprints import canonical
 from .paths import CACHE_DIR
 
 # Bump when what an entry holds changes (its tables, its record). Edits to the code
-# that computes are in the key already (``code_fingerprint``).
+# that computes are in the key already (``fingerprints.code_fingerprint``).
 RESULT_FORMAT = 5
-LIBRARIES = ("torch", "transformers", "tokenizers", "nnsight", "sae-lens")
 
 
 class CacheWarning(UserWarning):
     """A cache entry was damaged (and is recomputed) or could not be written."""
-
-
-def digest(obj) -> str:
-    """A short, order-independent hash of JSON-able data (dataclasses included)."""
-    return hashlib.sha256(_canonical(obj).encode()).hexdigest()[:16]
-
-
-def _canonical(obj) -> str:
-    def plain(value):
-        if is_dataclass(value) and not isinstance(value, type):
-            return asdict(value)
-        if isinstance(value, (set, frozenset)):
-            return sorted(value)
-        if isinstance(value, Path):
-            return str(value)
-        if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
-            return value.item()            # numpy and torch scalars
-        raise TypeError(f"cannot put {type(value).__name__} {value!r} into a cache key")
-    return json.dumps(obj, sort_keys=True, default=plain)
-
-
-# ---------------------------------------------------------------- the key
-
-def result_key(experiment: str, lm, sae_layers: Iterable[int] = (), *,
-               identity: dict | None = None, **config) -> dict:
-    """Everything a cached result of ``experiment`` depends on.
-
-    lm: the model (its preset names the model's and the SAEs' sources);
-    sae_layers: resid_pre layers whose SAE the experiment uses;
-    identity: ``models.model_identity(lm)``, when a caller keys many entries at once
-    (it reads every weight: computed once per call, never kept between calls);
-    config: the experiment's settings (dataclasses, lists, numbers, strings).
-    """
-    from .models import model_identity
-    from .saes import sae_identity
-    return {"format": RESULT_FORMAT, "experiment": experiment,
-            "model": identity if identity is not None else model_identity(lm),
-            "code": code_fingerprint(),
-            "saes": {str(layer): sae_identity(lm.preset, layer)
-                     for layer in sorted(set(sae_layers))},
-            "libraries": {name: version(name) for name in LIBRARIES},
-            "config": json.loads(_canonical(config))}
 
 
 # ---------------------------------------------------------------- storage
@@ -115,7 +62,7 @@ def _umask() -> int:
 
 def _entry(key: dict, cache_dir: Path | None) -> tuple[Path, str]:
     folder = Path(cache_dir or CACHE_DIR) / key["experiment"]
-    return folder, hashlib.sha256(_canonical(key).encode()).hexdigest()[:20]
+    return folder, hashlib.sha256(canonical(key).encode()).hexdigest()[:20]
 
 
 def _read_entry(folder: Path, name: str, key: dict) -> dict[str, pd.DataFrame] | None:
@@ -128,7 +75,7 @@ def _read_entry(folder: Path, name: str, key: dict) -> dict[str, pd.DataFrame] |
         parts = record["parts"]
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{record_path} is not a complete record ({err})") from None
-    if _canonical(record.get("key")) != _canonical(key):
+    if canonical(record.get("key")) != canonical(key):
         raise ValueError(f"{record_path} holds another key")
     tables = {}
     for part, expected in parts.items():

@@ -24,7 +24,9 @@ from numbers import Integral, Real
 import torch
 from tqdm.auto import tqdm
 
-from .engine import Steering, check_scored, score
+from .interventions import Steering
+
+from .scoring import check_scored, score
 from .feature_weights import (ACTIVATIONS, INITS, UNITS, activation_function, feature_units,
                               initial_theta)
 from .models import check_layer, require_local

@@ -37,7 +37,8 @@ import pandas as pd
 import torch
 
 from .cleanup import CleanupConfig, check_support, cleanup, finished
-from .engine import Steering, score
+from .interventions import Steering
+from .scoring import score
 from .models import d_model
 from .experiments.schema import (AT_CLEANED_NORM, BEST_SCALED, RANDOM, SCALED, TUNED_TOP_COSINE,
                                  TUNED_TOP_ENCODING, TV, method_label, score_row)

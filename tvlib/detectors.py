@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from .cleanup import CleanupConfig
-from .engine import collect_residuals
+from .interventions import collect_residuals
 from .prompt_batch import PromptBatch
 from .prompts import fixed_demo_prompts, Prompt, PromptFormat
 from .tasks import Task

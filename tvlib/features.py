@@ -19,7 +19,7 @@ from .hub import hub_files
 from .models import final_norm_scale, unembedding
 from .saes import check_sae_site
 from .sae_views import check_features
-from .engine import check_batch_size, collect_residuals
+from .interventions import check_batch_size, collect_residuals
 
 
 def corpus_texts(preset, n_texts: int = 2000) -> list[str]:

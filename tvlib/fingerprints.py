@@ -1,4 +1,6 @@
-"""Fingerprints of what a result is computed from, for cache keys.
+"""Fingerprints of what a result is computed from, for cache keys: JSON-able settings
+(``digest``), files and folders, tvlib's own code, a model's weights in memory. A leaf
+module: it imports nothing else of tvlib but its paths.
 
 ``weights_fingerprint`` reads a model's parameters and buffers as they are in memory,
 so that a model edited in place (an ablation, a patched weight, ``p.data.zero_()``,
@@ -16,12 +18,15 @@ from __future__ import annotations
 import hashlib
 import json
 import zlib
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import torch
 
 from .paths import REPO_ROOT
 
+# the libraries whose versions are in every key: they compute
+LIBRARIES = ("torch", "transformers", "tokenizers", "nnsight", "sae-lens")
 _CHUNK = 1 << 24                      # elements per step on an accelerator
 _PRIME = 65521                        # position weights cycle through 1 .. _PRIME - 1
 
@@ -130,3 +135,24 @@ def code_fingerprint() -> dict[str, str]:
     return {str(path.relative_to(package)): file_digest(path)[:16]
             for path in sorted(package.rglob("*.py"))
             if path.relative_to(package).parts[0] not in NOT_COMPUTING}
+
+
+def digest(obj) -> str:
+    """A short, order-independent hash of JSON-able data (dataclasses included)."""
+    return hashlib.sha256(canonical(obj).encode()).hexdigest()[:16]
+
+
+def canonical(obj) -> str:
+    """The JSON text ``obj`` is hashed from: keys sorted, dataclasses as dicts, sets sorted;
+    anything else that JSON cannot hold is refused."""
+    def plain(value):
+        if is_dataclass(value) and not isinstance(value, type):
+            return asdict(value)
+        if isinstance(value, (set, frozenset)):
+            return sorted(value)
+        if isinstance(value, Path):
+            return str(value)
+        if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+            return value.item()            # numpy and torch scalars
+        raise TypeError(f"cannot put {type(value).__name__} {value!r} into a cache key")
+    return json.dumps(obj, sort_keys=True, default=plain)

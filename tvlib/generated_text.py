@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from .cache import LIBRARIES, CacheWarning, digest, folder_digest, write_atomic
+from .cache import CacheWarning, write_atomic
+from .fingerprints import LIBRARIES, digest, folder_digest
 
 # Bump when the sampling, the seeding or what a chunk holds changes: old chunks are then
 # sampled again rather than reused.

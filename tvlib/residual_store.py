@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from .cache import LIBRARIES, CacheWarning, digest, write_atomic
+from .cache import CacheWarning, write_atomic
+from .fingerprints import LIBRARIES, digest
 
 # Bump when what a chunk holds or how it is computed changes: old stores are not read.
 STORE_FORMAT = 1
@@ -134,7 +135,7 @@ def record(lm, rows: torch.Tensor, mask: torch.Tensor, layers, cache_dir: Path,
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from .engine import check_batch_size, collect_residuals
+    from .interventions import check_batch_size, collect_residuals
     from .models import check_layers, d_model
 
     layers = check_layers(lm, layers)

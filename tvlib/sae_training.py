@@ -148,7 +148,7 @@ def save_sae(sae, folder: Path, save_dtype: str = "float16"):
 def text_residuals(lm, ids: torch.Tensor, layers, batch_size: int = 64) -> dict[int, torch.Tensor]:
     """{resid_pre layer: (N, d) float32}: the residual at every token of ``ids`` (B, T)
     that is not a special token (BOS, end of text, padding), in row-major order."""
-    from .engine import collect_residuals
+    from .interventions import collect_residuals
 
     special = torch.tensor(sorted(lm.tokenizer.all_special_ids))
     keep = ~torch.isin(ids, special)                                    # (B, T)
@@ -194,7 +194,7 @@ def loss_change(lm, saes: dict, rows: torch.Tensor, mask: torch.Tensor,
     clean) and ``recovered``, the fraction of the mean-ablation gap the SAE keeps:
     (mean-ablated - spliced) / (mean-ablated - clean).
     """
-    from .engine import check_batch_size
+    from .interventions import check_batch_size
     from .models import resid_pre, trace
     from .saes import check_sae_site
 

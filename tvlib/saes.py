@@ -10,14 +10,14 @@ from pathlib import Path
 import torch
 
 from .authors_sae import load_authors_sae
+from .fingerprints import folder_digest
 from .hub import download_first_folder, hub_files
 from .models import d_model, default_device
-from .presets import Preset, get_preset
+from .presets import PRESETS, Preset, get_preset
 
 
 def sae_identity(preset: str | Preset, layer: int) -> dict:
     """What results from the SAE at resid_pre ``layer`` depend on (cache keys)."""
-    from .fingerprints import folder_digest
     preset = get_preset(preset)
     folder, sae_id = sae_source(preset, layer)
     return {"source": preset.sae_release or preset.sae_repo or "local", "id": sae_id,
@@ -68,6 +68,7 @@ def load_sae(preset: str | Preset, layer: int, device: str | None = None):
                              f"or incomplete ({type(err).__name__}: {err}); restore the folder "
                              "(git, or rebuild the SAEs)") from None
     check_sae_finite(sae, f"the SAE in {folder}")
+    check_sae_model(sae, preset, f"the SAE in {folder}")
     recorded = sae_site(sae)
     if recorded != ("resid_pre", layer):
         found = "no site" if recorded is None else f"resid_pre {recorded[1]}"
@@ -165,14 +166,53 @@ def check_sae_finite(sae, name: str = "this SAE") -> None:
                              "used with non-finite weights")
 
 
+def sae_model_names(preset: Preset) -> set[str]:
+    """The model names an SAE of this preset may record (``cfg.metadata.model_name``): the
+    preset's name and model, the names of the presets that run the same model (a copy of
+    a preset under another name), and for a sae-lens release its catalogue's model."""
+    names = {preset.name, preset.model_id}
+    names |= {other.name for other in PRESETS.values() if other.model_id == preset.model_id}
+    if preset.sae_release is not None:
+        from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+        entry = get_pretrained_saes_directory().get(preset.sae_release)
+        if entry is not None:
+            names.add(entry.model)
+    return names
+
+
+def _bare_model_name(name: str) -> str:
+    # "google/gemma-3-270m" and "gemma-3-270m" name the same model
+    return name.rsplit("/", 1)[-1].lower()
+
+
+def check_sae_model(sae, preset: Preset, name: str = "this SAE") -> None:
+    """Fail if the SAE records that it was trained on another model than the preset's.
+
+    An SAE that records no model is let through (many formats do not); its width and
+    site are still checked.
+    """
+    recorded = getattr(sae.cfg.metadata, "model_name", None)
+    if recorded is None:
+        return
+    expected = sae_model_names(preset)
+    if _bare_model_name(str(recorded)) not in {_bare_model_name(n) for n in expected}:
+        raise ValueError(
+            f"{name} records that it was trained on model {recorded!r}, but preset "
+            f"{preset.name!r} runs {preset.model_id!r} (its SAEs may record "
+            f"{sorted(expected)}): load the SAEs made for this model, or fix "
+            "cfg.json's metadata.model_name if it is wrong")
+
+
 def check_sae_site(sae, lm, layer: int) -> None:
-    """Fail unless ``sae`` fits the model's width, has finite weights and records that it
-    reads resid_pre ``layer``.
+    """Fail unless ``sae`` fits the model's width, was made for its model (where it records
+    one), has finite weights and records that it reads resid_pre ``layer``.
 
     ``lm`` may be None where no model is involved (then only the site is checked).
     """
     if lm is not None:
         check_sae_fits(sae, lm)
+        if getattr(lm, "preset", None) is not None:
+            check_sae_model(sae, lm.preset)
     check_sae_finite(sae)
     recorded = sae_site(sae)
     if recorded is None:

@@ -24,10 +24,10 @@ import warnings
 
 import torch
 
+from .interventions import Steering, apply_steering, collect_residuals
 from .models import blocks, check_layer, d_model, model_device, model_dtype, trace
 from .prompt_batch import PromptBatch
-from .engine import (Steering, apply_steering, check_scored, collect_residuals,
-                      logits_at_targets, score, scored_nll)
+from .scoring import check_scored, logits_at_targets, score, scored_nll
 
 
 class SteeredNLL:

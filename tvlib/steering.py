@@ -15,7 +15,9 @@ from numbers import Real
 import pandas as pd
 import torch
 
-from .engine import Steering, score
+from .interventions import Steering
+
+from .scoring import score
 from .saes import check_sae_site
 from .prompt_batch import PromptBatch
 from .sae_views import check_features

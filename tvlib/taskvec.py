@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .engine import collect_residuals
+from .interventions import collect_residuals
 from .prompt_batch import PromptBatch
 
 

@@ -10,10 +10,13 @@ from typing import TYPE_CHECKING, Iterator
 import pandas as pd
 import torch
 
-from ..cache import cached_table, digest, result_key
+from ..cache import cached_table
+from ..fingerprints import digest
+from ..result_keys import result_key
 from ..cleanup import CleanupConfig, cleanup, finished
 from ..detectors import DETECTOR_CLEANUP, detector_vectors
-from ..engine import Steering, score
+from ..interventions import Steering
+from ..scoring import score
 from ..models import check_layers
 from ..saes import SAEShelf, check_sae_site, load_sae, model_shelf
 from ..prompt_batch import PromptBatch

@@ -13,9 +13,11 @@ from dataclasses import asdict
 
 import pandas as pd
 
-from ..cache import cached_groups, cached_table, cached_tables, digest, result_key
+from ..cache import cached_groups, cached_table, cached_tables
+from ..fingerprints import digest
+from ..result_keys import result_key
 from ..cleanup import CleanupConfig
-from ..engine import score
+from ..scoring import score
 from ..models import model_identity
 from .prompt_setup import PromptConfig, TaskPrompts, build_task_prompts, model_tasks
 from .schema import ICL, ONE_SHOT, ZERO_SHOT, score_row

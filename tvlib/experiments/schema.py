@@ -56,7 +56,7 @@ def method_label(vector: str | None, view: str, k: int | None = None, *,
 
 def score_row(task: str, vector: str | None, view: str, layer, scores, k: int | None = None,
               **extra) -> dict:
-    """One row of a score table from ``engine.Scores``; ``extra`` columns after the scores
+    """One row of a score table from ``scoring.Scores``; ``extra`` columns after the scores
     (``scale`` and ``seed`` among them go into the label too)."""
     label = method_label(vector, view, k, scale=extra.get("scale"), seed=extra.get("seed"))
     return {"task": task, "method": label, "vector": vector,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ..cache import cached_table, digest, result_key
+from ..cache import cached_table
+from ..fingerprints import digest
+from ..result_keys import result_key
 from ..models import check_layers
 from ..saes import load_sae
 from ..detectors import DETECTOR_SCALE

@@ -6,7 +6,9 @@ from typing import Iterator
 
 import pandas as pd
 
-from ..engine import Steering, score
+from ..interventions import Steering
+
+from ..scoring import score
 from ..models import check_layers, n_layers
 from ..taskvec import task_vectors
 from .prompt_setup import PromptConfig, TaskPrompts, prompt_config

@@ -22,7 +22,8 @@ import pandas as pd
 import torch
 
 from ..cache import write_atomic
-from ..engine import Steering, score
+from ..interventions import Steering
+from ..scoring import score
 from ..experiments.schema import ICL, RAW, TV, ZERO_SHOT, score_row
 from ..models import load_model
 from ..saes import check_sae_site, load_sae
