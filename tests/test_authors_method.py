@@ -137,5 +137,5 @@ def test_authors_l1_is_lambda_times_their_f(toy_lm, antonyms_tv, encoding):
     lam = 0.05
     result = cleanup(toy_lm, sae, 3, tv, train, cfg=CleanupConfig(
         max_steps=1, lam=lam, units="sae", progress=False))
-    torch.testing.assert_close(result.initial_weights, f_ref[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(result.start_weights, f_ref[0], rtol=1e-4, atol=1e-4)
     assert result.loss[0] - result.nll[0] == pytest.approx(lam * f_ref.sum().item(), rel=1e-4)

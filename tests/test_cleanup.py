@@ -42,7 +42,7 @@ def setup(toy_lm):
 
 @pytest.mark.parametrize("activation", ["sae", "relu"])
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
-def test_initial_weights_are_the_sae_encoding(architecture, activation):
+def test_start_weights_are_the_sae_encoding(architecture, activation):
     sae = random_sae(architecture)
     for seed in range(20):
         tv = 3 * torch.randn(128, generator=torch.Generator().manual_seed(seed))
@@ -73,7 +73,7 @@ def test_gate_as_threshold_reproduces_the_gated_encoder():
         assert torch.equal(sae_threshold(sae), threshold)
 
 
-def test_initial_weights_of_gated_saes_are_the_encoding_and_the_gate_closes():
+def test_start_weights_of_gated_saes_are_the_encoding_and_the_gate_closes():
     g = torch.Generator().manual_seed(1)
     for name, sae in gated_saes():
         tv = sae.b_dec.detach() + 3 * torch.randn(sae.cfg.d_in, generator=g)
@@ -129,7 +129,7 @@ def test_l1_term_of_the_first_step(toy_lm, setup, units):
     lam = 0.1
     result = cleanup(toy_lm, s["sae"], s["layer"], s["tv"], s["train"],
                      cfg=CleanupConfig(max_steps=1, lam=lam, units=units, progress=False))
-    w0 = result.initial_weights
+    w0 = result.start_weights
     if units == "norm_scaled":
         expected = (w0 * s["sae"].W_dec.detach().norm(dim=-1)).sum() * math.sqrt(128) \
             / s["tv"].norm()
@@ -178,9 +178,9 @@ def test_norm_scaled_step_is_lr_in_norm_units(toy_lm, setup):
     first = cleanup(toy_lm, s["sae"], s["layer"], s["tv"], s["train"],
                     cfg=CleanupConfig(max_steps=1, lr=lr, progress=False))
     unit = feature_units(s["sae"], s["tv"])
-    active = first.initial_weights > 0
+    active = first.start_weights > 0
     assert active.any()
-    moved = (first.weights - first.initial_weights)[active].abs()
+    moved = (first.weights - first.start_weights)[active].abs()
     torch.testing.assert_close(moved, lr * unit[active], rtol=1e-3, atol=1e-6)
     expected = s["tv"].norm() / (math.sqrt(128) * s["sae"].W_dec.detach().norm(dim=-1))
     torch.testing.assert_close(unit, expected)
@@ -192,7 +192,7 @@ def test_first_step_matches_plain_steering(toy_lm, setup):
     result = cleanup(toy_lm, s["sae"], s["layer"], s["tv"], s["train"], cfg=CleanupConfig(
         max_steps=1, progress=False))
     steered = score(toy_lm, s["train"], Steering(s["layer"], s["sae"].decode(
-        result.initial_weights)))
+        result.start_weights)))
     assert result.nll[0] == pytest.approx(steered.mean_nll(), abs=1e-5)
 
 
@@ -249,9 +249,9 @@ def test_cleanup_lowers_loss_and_l0_and_keeps_inactive_features_off(toy_lm, setu
                      CleanupConfig(max_steps=150, lam=0.05, progress=False))
     assert result.loss[-1] < result.loss[0]   # the task loss alone may rise as L1 prunes
     assert result.l0[-1] < result.l0[0]
-    inactive = result.initial_weights == 0
+    inactive = result.start_weights == 0
     assert (result.weights[inactive] == 0).all()          # never revived
-    assert ((result.weights > 0) <= (result.initial_weights > 0)).all()
+    assert ((result.weights > 0) <= (result.start_weights > 0)).all()
     torch.testing.assert_close(result.vector, s["sae"].decode(result.weights), rtol=1e-5,
                                atol=1e-5)
     # held-out prompts are disjoint from the training prompts, and scored

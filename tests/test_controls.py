@@ -148,10 +148,10 @@ def test_tuning_changes_only_the_picked_weights_and_has_no_l1(toy_lm, setup):
                      support=support)
     others = torch.ones(sae.cfg.d_sae, dtype=torch.bool)
     others[support] = False
-    assert (result.initial_weights[support] > 0).all()   # the feature the encoding left off too
-    assert (result.initial_weights[others] == 0).all() and (result.weights[others] == 0).all()
-    assert not torch.equal(result.weights[support], result.initial_weights[support])
-    assert result.initial_weights[support[0]] == encoding[support[0]]   # encoded: its weight
+    assert (result.start_weights[support] > 0).all()   # the feature the encoding left off too
+    assert (result.start_weights[others] == 0).all() and (result.weights[others] == 0).all()
+    assert not torch.equal(result.weights[support], result.start_weights[support])
+    assert result.start_weights[support[0]] == encoding[support[0]]   # encoded: its weight
     assert result.steps == 6 and result.loss == result.nll             # all steps; no L1
 
 

@@ -190,7 +190,7 @@ def test_logit_table_refuses_bad_arguments(toy_lm, monkeypatch):
     with pytest.raises(ValueError, match="width 64"):
         logit_table(toy_lm, wide, [1])
     monkeypatch.setattr(toy_lm._module.config, "model_type", "bert")
-    with pytest.raises(ValueError, match="final norm of model family 'bert'"):
+    with pytest.raises(ValueError, match="does not know model family 'bert'"):
         logit_table(toy_lm, sae, [1])
 
 

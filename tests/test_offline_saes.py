@@ -235,6 +235,7 @@ def test_build_writes_saes_corpus_and_card_beside_the_preset(tmp_path):
                   log=messages.append)
     assert not any("sampled chunk" in m for m in messages)
     assert not any("training on" in m for m in messages)     # trained SAEs kept as finished
+    assert again["sweep"] == card["sweep"]    # its measurements reused, their seconds too
     assert again["saes"][0]["prose"]["fvu"] == pytest.approx(card["saes"][0]["prose"]["fvu"])
 
 

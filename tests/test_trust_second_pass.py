@@ -29,13 +29,19 @@ def test_a_file_swapped_with_its_old_size_and_mtime_is_digested_again(tmp_path):
 
 
 def test_earliest_effective_layer_refuses_a_gain_outside_0_1():
+    from tvlib.experiments import RAW, TV, ZERO_SHOT
     scores = pd.DataFrame({"task": ["t"] * 3, "method": ["zero-shot", "TV", "TV"],
+                           "vector": [None, TV, TV], "view": [ZERO_SHOT, RAW, RAW],
                            "layer": [None, 1, 2], "nll": [2.0, 1.9, 1.0]})
-    assert earliest_effective_layer(scores, "TV", "zero-shot").to_dict() == {"t": 2}
-    assert earliest_effective_layer(scores, "TV", "zero-shot", 0.01).to_dict() == {"t": 1}
+    assert earliest_effective_layer(scores, TV, RAW, ZERO_SHOT).to_dict() == {"t": 2}
+    assert earliest_effective_layer(scores, TV, RAW, ZERO_SHOT, 0.01).to_dict() == {"t": 1}
     for bad in (20, 1.5, float("nan"), -1, 0, 1, True, "0.2"):
         with pytest.raises(ValueError, match="min_gain=.*fraction in \\(0, 1\\)"):
-            earliest_effective_layer(scores, "TV", "zero-shot", bad)
+            earliest_effective_layer(scores, TV, RAW, ZERO_SHOT, bad)
+    with pytest.raises(ValueError, match="no rows of vector 'TV' as view 'cleaned'"):
+        earliest_effective_layer(scores, TV, "cleaned", ZERO_SHOT)
+    with pytest.raises(ValueError, match="no rows of baseline 'ICL'"):
+        earliest_effective_layer(scores, TV, RAW, "ICL")
 
 
 QUICK = dict(n_prompts=4, n_shots=4, n_eval=6, n_train=6)
@@ -285,3 +291,13 @@ def test_an_sae_that_records_another_model_is_refused(tmp_path, toy_lm):
     with pytest.raises(ValueError, match=r"the SAE in .*saes/.* records that it was trained on "
                                          r"model 'gpt2-small'.*metadata.model_name"):
         load_sae(preset, 4, device="cpu")
+
+
+def test_a_layer_given_as_text_and_a_meta_vector_are_named():
+    from tvlib.interventions import Steering
+    from tvlib.saes import load_sae
+    with pytest.raises(ValueError, match=r"layer must be an int .*not '4' \(str\); preset "
+                                         r"'toy' has SAEs at resid_pre layers \[0, 1"):
+        load_sae("toy", "4")
+    with pytest.raises(ValueError, match="steering vector at layer 2 is on the meta device"):
+        Steering(2, torch.zeros(8, device="meta"))

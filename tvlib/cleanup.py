@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .interventions import Steering
 
-from .scoring import check_scored, score
+from .scoring import Scores, check_scored, score
 from .feature_weights import (ACTIVATIONS, INITS, UNITS, activation_function, feature_units,
                               initial_theta)
 from .models import check_layer, require_local
@@ -83,12 +83,11 @@ class CleanupConfig:
 class CleanupResult:
     weights: torch.Tensor        # (F,) final feature weights, non-negative
     vector: torch.Tensor         # (d,) the cleaned steering vector, decode(weights)
-    initial_weights: torch.Tensor  # (F,) weights at initialisation (the SAE encoding)
+    start_weights: torch.Tensor  # (F,) where it starts: the SAE encoding, or the pursuit's
     loss: list[float] = field(default_factory=list)   # total loss per step
     nll: list[float] = field(default_factory=list)    # training NLL per step
     l0: list[int] = field(default_factory=list)       # active features per step
-    heldout_nll: float = math.nan
-    heldout_accuracy: float = math.nan
+    heldout_scores: Scores | None = None   # the cleaned vector on the held-out prompts
     stopped_early: bool = False
     # stopped by an interrupt (Ctrl-C, a notebook's stop button): the weights are those of
     # the last finished step; not a finished cleanup, so sweeps never cache it
@@ -97,6 +96,14 @@ class CleanupResult:
     @property
     def steps(self) -> int:
         return len(self.loss)
+
+    @property
+    def heldout_nll(self) -> float:
+        return math.nan if self.heldout_scores is None else self.heldout_scores.mean_nll()
+
+    @property
+    def heldout_accuracy(self) -> float:
+        return math.nan if self.heldout_scores is None else self.heldout_scores.accuracy()
 
 
 def _close_bar(bar, result: CleanupResult, cfg: CleanupConfig) -> None:
@@ -214,7 +221,7 @@ def _optimise(lm, sae, layer: int, tv: torch.Tensor, train: PromptBatch,
 
     result = CleanupResult(weights=act(theta0).detach().cpu(),
                            vector=decode(act(theta0)).detach().cpu(),
-                           initial_weights=act(theta0).detach().cpu())
+                           start_weights=act(theta0).detach().cpu())
     best_l0, since_best = None, 0
     # kept when done: each cleanup leaves one line with its steps, NLL, L0 and why it stopped
     bar = tqdm(range(cfg.max_steps), desc=f"cleanup L{layer}", disable=not cfg.progress,
@@ -259,6 +266,5 @@ def _optimise(lm, sae, layer: int, tv: torch.Tensor, train: PromptBatch,
         weights = act(theta0 + last * unit).detach()
         result.weights, result.vector = weights.cpu(), decode(weights).cpu()
     if heldout is not None and not result.interrupted:
-        scores = score(lm, heldout, Steering(layer, result.vector))
-        result.heldout_nll, result.heldout_accuracy = scores.mean_nll(), scores.accuracy()
+        result.heldout_scores = score(lm, heldout, Steering(layer, result.vector))
     return result

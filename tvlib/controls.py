@@ -41,7 +41,7 @@ from .interventions import Steering
 from .scoring import score
 from .models import d_model
 from .experiments.schema import (AT_CLEANED_NORM, BEST_SCALED, RANDOM, SCALED, TUNED_TOP_COSINE,
-                                 TUNED_TOP_ENCODING, TV, method_label, score_row)
+                                 TUNED_TOP_ENCODING, TV, score_row)
 from .prompt_batch import PromptBatch
 from .sae_views import decode, encode
 
@@ -276,12 +276,10 @@ def tuned_hand_picked_rows(lm, sae, task: str, layer: int, tv: torch.Tensor, k: 
                                                         tune, seed, support=picked))
         result = tuned[frozenset(picked)]
         view = RULE_VIEWS[rule]
-        rows.append({"task": task, "method": method_label(vector, view, k), "vector": vector,
-                     "view": view, "k": k, "layer": layer, "nll": result.heldout_nll,
-                     "accuracy": result.heldout_accuracy, "n_prompts": len(heldout),
-                     "features": ",".join(map(str, picked)),
-                     "l0": int((result.weights > 0).sum()), "steps": result.steps,
-                     "train_nll_start": result.nll[0], "train_nll_end": result.nll[-1]})
+        rows.append(score_row(task, vector, view, layer, result.heldout_scores, k=k,
+                              features=",".join(map(str, picked)),
+                              l0=int((result.weights > 0).sum()), steps=result.steps,
+                              train_nll_start=result.nll[0], train_nll_end=result.nll[-1]))
     return pd.DataFrame(rows)
 
 

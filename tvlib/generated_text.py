@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .architectures import architecture, submodule
 from .cache import CacheWarning, write_atomic
 from .fingerprints import LIBRARIES, digest, folder_digest
 
@@ -78,10 +79,10 @@ def sample_chunk(model, tokenizer, cfg: GenerationConfig, chunk: int) -> dict[st
     ids = torch.full((cfg.batch_size, 1), tokenizer.bos_token_id, dtype=torch.long)
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
+    body = submodule(model, architecture(model).body)        # the blocks and final norm
     past = None
     for _ in range(cfg.n_tokens):
-        out = model.model(input_ids=ids[:, -1:].to(device), past_key_values=past,
-                          use_cache=True)
+        out = body(input_ids=ids[:, -1:].to(device), past_key_values=past, use_cache=True)
         past = out.past_key_values
         logits = head(out.last_hidden_state[:, -1]).float().cpu()         # (B, V)
         if softcap:

@@ -34,6 +34,10 @@ class Steering:
             shape = tuple(getattr(self.vector, "shape", ()))
             raise ValueError(f"steering vector must be a tensor of shape (d,) or (B, d), not "
                              f"{type(self.vector).__name__} of shape {shape}")
+        if self.vector.device.type == "meta":
+            raise ValueError(f"the steering vector at layer {self.layer} is on the meta device "
+                             "(a shape without values, e.g. from a remote model's skeleton): "
+                             "compute it on a real device")
         # vectors under optimisation are checked by their optimiser (cleanup's loss)
         if not self.vector.requires_grad and not torch.isfinite(self.vector).all():
             raise ValueError(f"the steering vector at layer {self.layer} holds NaN or inf "

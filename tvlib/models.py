@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .architectures import architecture, submodule
 from .fingerprints import folder_digest, weights_fingerprint
 from .hub import hub_files
 from .presets import GEMMA3_270M_PYPI, Preset, get_preset
@@ -121,8 +122,9 @@ def context_length(lm) -> int | None:
     was trained on where the preset records less (``trained_context``); None if neither
     is recorded."""
     config = lm._module.config
-    limits = [int(getattr(config, name)) for name in ("max_position_embeddings", "n_positions")
-              if getattr(config, name, None)][:1]
+    # GPT-2's config maps max_position_embeddings to n_positions
+    limits = [int(config.max_position_embeddings)] if getattr(
+        config, "max_position_embeddings", None) else []
     preset = getattr(lm, "preset", None)
     if preset is not None and preset.trained_context:
         limits.append(int(preset.trained_context))
@@ -158,25 +160,8 @@ def require_local(lm, what: str) -> None:
 
 
 def blocks(lm):
-    """The model's list of transformer blocks (Llama/Gemma or GPT-2 layout)."""
-    inner = lm._module
-    if hasattr(inner, "model") and hasattr(inner.model, "layers"):
-        return lm.model.layers
-    if hasattr(inner, "transformer") and hasattr(inner.transformer, "h"):
-        return lm.transformer.h
-    raise ValueError(f"cannot find the transformer blocks of {type(inner).__name__}")
-
-
-# The final norm of each model family (Hugging Face ``config.model_type``), as the model
-# applies it to the last residual before the unembedding: (where it is, whether it
-# subtracts the mean first, whether its elementwise scale is 1 + weight rather than weight).
-FINAL_NORMS = {
-    "llama": ("model.norm", False, False),        # LlamaRMSNorm: weight * x / rms(x)
-    "gemma": ("model.norm", False, True),         # GemmaRMSNorm: (1 + weight) * x / rms(x)
-    "gemma2": ("model.norm", False, True),
-    "gemma3_text": ("model.norm", False, True),
-    "gpt2": ("transformer.ln_f", True, False),    # LayerNorm: weight * (x - mean) / std + bias
-}
+    """The model's list of transformer blocks (where its family's row says)."""
+    return submodule(lm, architecture(lm).blocks)
 
 
 def final_norm_scale(lm) -> tuple[torch.Tensor, bool]:
@@ -189,21 +174,14 @@ def final_norm_scale(lm) -> tuple[torch.Tensor, bool]:
     ``weight``, Gemma's (1, 2, 3) ``1 + weight``. Folded into the unembedding this is
     TransformerLens's ``fold_ln`` (with its centring of the unembedding for LayerNorm).
     """
-    model_type = getattr(lm._module.config, "model_type", None)
-    if model_type not in FINAL_NORMS:
-        raise ValueError(
-            f"tvlib does not know the final norm of model family {model_type!r} "
-            f"({type(lm._module).__name__}); known families: {sorted(FINAL_NORMS)}. Add the "
-            "family to tvlib.models.FINAL_NORMS (where its final norm is, whether it centres, "
-            "whether it scales by 1 + weight)")
-    path, centres, offset = FINAL_NORMS[model_type]
-    norm = lm._module.get_submodule(path)
+    family = architecture(lm)
+    norm = lm._module.get_submodule(family.final_norm)
     weight = norm.weight.detach()
     if weight.device.type == "meta":
         raise ValueError("the model's weights are not here (remote=True loads a skeleton): "
                          "load the model locally to read its final norm")
     weight = weight.float()
-    return (1 + weight if offset else weight), centres
+    return (1 + weight if family.norm_offset else weight), family.norm_centres
 
 
 def unembedding(lm) -> torch.Tensor:
@@ -220,8 +198,7 @@ def n_layers(lm) -> int:
 
 
 def d_model(lm) -> int:
-    return lm._module.config.hidden_size if hasattr(lm._module.config, "hidden_size") \
-        else lm._module.config.n_embd
+    return lm._module.config.hidden_size       # GPT-2's config maps it to n_embd
 
 
 def check_layer(lm, layer: int) -> None:

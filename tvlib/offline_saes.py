@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from .cache import write_atomic
-from .fingerprints import digest
+from .fingerprints import digest, file_digest
 from .generated_text import GenerationConfig, generate
 from .models import load_model, model_source
 from .paths import REPO_ROOT
@@ -220,15 +220,26 @@ def prepare(preset, cfg: BuildConfig, cache_dir: Path, device: str = "cpu",
                     heldout_rows, stores, dtype, seconds)
 
 
+def trained_folder(store: Path, layer: int, training: SAETrainingConfig, cache_dir: Path,
+                   n_residuals: int | None = None) -> Path:
+    """Where ``trained_sae`` keeps the SAE these settings give on this store's residuals."""
+    key = digest({"format": TRAINED_FORMAT, "training": asdict(training),
+                  "hook": f"blocks.{layer - 1}.hook_resid_post", "residuals": n_residuals})
+    return Path(cache_dir) / "trained" / f"{Path(store).name}-{key}"
+
+
+# The modules that compute an SAE's measurements (the splice, the losses, FVU): a sweep's
+# measurements kept beside a trained SAE are reused while these and the held-out sets hold.
+MEASURE_MODULES = ("sae_training.py", "models.py", "architectures.py")
+
+
 def trained_sae(store: Path, layer: int, training: SAETrainingConfig, cache_dir: Path,
                 n_residuals: int | None = None, log=print):
     """The SAE ``training`` gives on the store's residuals at resid_pre ``layer`` (its first
     ``n_residuals`` only, if given; the store's rows are in random order). Each trained
     SAE is kept in ``cache_dir/trained`` as it finishes: an interrupted build keeps it."""
     hook = f"blocks.{layer - 1}.hook_resid_post"         # resid_post block = resid_pre - 1
-    key = digest({"format": TRAINED_FORMAT, "training": asdict(training), "hook": hook,
-                  "residuals": n_residuals})
-    trained = cache_dir / "trained" / f"{Path(store).name}-{key}"
+    trained = trained_folder(store, layer, training, cache_dir, n_residuals)
     if (trained / "cfg.json").is_file():
         from sae_lens import SAE
         log(f"resid_pre {layer}: trained SAE read from {trained}")
@@ -252,10 +263,24 @@ def sweep(prepared: Prepared, cfg: BuildConfig, cache_dir: Path, log=print) -> l
     for training in cfg.sweep:
         t = time.time()
         sae = trained_sae(prepared.stores["train"], layer, training, cache_dir, n, log=log)
-        measured = _measure(prepared.lm, {layer: sae}, {layer: mean}, prepared.stores,
-                            prepared.heldout_rows, cfg)[layer]
-        rows.append({"layer": layer, "train_tokens": n, "training": asdict(training),
-                     "seconds": round(time.time() - t, 1), **measured})
+        # measured once per trained SAE: a resumed build reuses it
+        record_path = trained_folder(prepared.stores["train"], layer, training, cache_dir,
+                                     n) / "sweep_measure.json"
+        key = {"stores": {name: Path(store).name for name, store in prepared.stores.items()},
+               "heldout_rows": cfg.heldout_rows, "loss_rows": cfg.loss_rows, "layer": layer,
+               "code": {m: file_digest(REPO_ROOT / "tvlib" / m) for m in MEASURE_MODULES}}
+        stored = json.loads(record_path.read_text()) if record_path.is_file() else {}
+        if stored.get("key") == key:
+            row = stored["row"]
+        else:
+            measured = _measure(prepared.lm, {layer: sae}, {layer: mean}, prepared.stores,
+                                prepared.heldout_rows, cfg)[layer]
+            row = {"layer": layer, "train_tokens": n, "training": asdict(training),
+                   "seconds": round(time.time() - t, 1), **measured}
+            write_atomic(record_path, lambda tmp: tmp.write_text(json.dumps(
+                {"key": key, "row": row}, indent=2)))
+        rows.append(row)
+        measured = {name: row[name] for name in HELDOUT_SETS}
         log(f"sweep {_settings(training)}: " + "  ".join(
             f"{name} Δloss {measured[name]['delta_loss']:+.3f} FVU {measured[name]['fvu']:.3f} "
             f"dead {measured[name]['dead_fraction']:.3f}" for name in HELDOUT_SETS))

@@ -178,18 +178,21 @@ def plot_l0_per_task(scores: pd.DataFrame, layer: int, title: str = ""):
 
 
 def plot_feature_weights(features: pd.DataFrame, task: str, layer: int, top: int = 40):
-    """Normalised feature weights of the SAE encoding vs the cleaned vector (one task)."""
+    """Normalised feature weights where the cleanup starts (the SAE encoding, or the
+    pursuit start) vs once cleaned (one task)."""
     rows = features[(features.task == task) & (features.layer == layer)]
-    rows = rows.sort_values("recon_weight", ascending=False).head(top)
-    recon = rows.recon_weight / rows.recon_weight.abs().max()
+    rows = rows.sort_values("start_weight", ascending=False).head(top)
+    start = rows.start_weight / rows.start_weight.abs().max()
     cleaned = rows.cleaned_weight / max(rows.cleaned_weight.abs().max(), 1e-12)
+    start_label, weight_name = {RECON: ("SAE encoding of TV", "encoding"),
+                                PURSUIT_START: ("pursuit start of TV", "pursuit")}[rows.start.iloc[0]]
     with styled():
         fig, ax = plt.subplots(figsize=(max(4.0, 0.16 * len(rows) + 1.5), 2.6))
         x = range(len(rows))
-        ax.bar([i - 0.2 for i in x], recon, 0.4, color="tab:blue", label="SAE encoding of TV")
+        ax.bar([i - 0.2 for i in x], start, 0.4, color="tab:blue", label=start_label)
         ax.bar([i + 0.2 for i in x], cleaned, 0.4, color="tab:red", label="cleaned TV")
         ax.set_xticks(list(x), rows.feature.astype(int), rotation=90, fontsize=6)
-        ax.set_xlabel("feature (sorted by encoding weight)")
+        ax.set_xlabel(f"feature (sorted by {weight_name} weight)")
         ax.set_ylabel("weight / max weight")
         ax.set_title(f"{task}, layer {layer}")
         ax.legend()

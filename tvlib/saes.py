@@ -29,7 +29,11 @@ def sae_source(preset: str | Preset, layer: int) -> tuple[Path, str]:
     """(folder holding the SAE's files, its id) for resid_pre ``layer``; downloads if needed."""
     preset = get_preset(preset)
     available = preset.resid_pre_layers_with_sae()
-    if isinstance(layer, bool) or not isinstance(layer, Integral) or layer not in available:
+    if isinstance(layer, bool) or not isinstance(layer, Integral):
+        raise ValueError(f"layer must be an int (a resid_pre layer), not {layer!r} "
+                         f"({type(layer).__name__}); preset {preset.name!r} has SAEs at "
+                         f"resid_pre layers {list(available)}")
+    if layer not in available:
         raise ValueError(f"preset {preset.name!r} has no SAE reading resid_pre {layer}; "
                          f"SAEs exist at resid_pre layers {list(available)}")
     block = layer - 1 if preset.sae_site == "resid_post" else layer

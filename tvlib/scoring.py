@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .architectures import architecture, submodule
 from .interventions import Steering, apply_steering, check_batch_size, check_start
 from .models import d_model, trace
 from .prompt_batch import PromptBatch
@@ -128,7 +129,7 @@ def logits_at_targets(lm, batch: PromptBatch, start: int = 0) -> torch.Tensor:
     """
     rows, predict_pos, _ = batch.scored_tokens()
     check_start(predict_pos, start, "a token that predicts an answer")
-    head = lm.lm_head
+    head = submodule(lm, architecture(lm).unembedding)
     head.input = head.input[rows, predict_pos - start]                      # (N, d)
     return lm.output.logits
 

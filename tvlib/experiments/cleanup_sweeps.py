@@ -25,9 +25,9 @@ from ..taskvec import task_vectors
 from .prompt_setup import (PromptConfig, TaskPrompts, build_task_prompts, layers_with_sae,
                            model_tasks, prompt_config)
 from .runner import cleanup_settings, run_per_layer
-from .schema import (AT_CLEANED_NORM, BEST_SCALED, CLEANED, DETECTOR, PURSUIT_START, RANDOM, RAW,
-                     RECON, START_VIEWS, TUNED_TOP_COSINE, TUNED_TOP_ENCODING, TV, ZERO_SHOT,
-                     method_label, score_row)
+from .schema import (AT_CLEANED_NORM, BASELINES, BEST_SCALED, CLEANED, DETECTOR, PURSUIT_START,
+                     RANDOM, RAW, RECON, START_VIEWS, TUNED_TOP_COSINE, TUNED_TOP_ENCODING, TV,
+                     ZERO_SHOT, method_label, score_row)
 
 if TYPE_CHECKING:
     from ..controls import ControlsConfig
@@ -41,8 +41,10 @@ def start_view(cfg: CleanupConfig) -> tuple[str, int | None]:
 
 
 
-FEATURE_COLUMNS = {"task": "object", "layer": "int64", "feature": "int64",
-                   "recon_weight": "float64", "cleaned_weight": "float64"}
+# a cleanup's features: each one active where it starts, its weight there ("start_weight":
+# the SAE encoding's, or the pursuit's, as the "start" view says) and once cleaned
+FEATURE_COLUMNS = {"task": "object", "layer": "int64", "feature": "int64", "start": "object",
+                   "start_weight": "float64", "cleaned_weight": "float64"}
 
 
 def clean_vectors(lm, name: str, label: str, vectors, layers, train: PromptBatch,
@@ -63,21 +65,19 @@ def clean_vectors(lm, name: str, label: str, vectors, layers, train: PromptBatch
         sae = saes[layer]
         check_sae_site(sae, lm, layer)
         result = finished(cleanup(lm, sae, layer, vector, train, evaluate, cfg, seed))
-        start = decode(sae, result.initial_weights)
+        start = decode(sae, result.start_weights)
         rows = [score_row(name, label, RAW, layer,
                           score(lm, evaluate, Steering(layer, vector), batch_size), l0=None),
                 score_row(name, label, view, layer,
                           score(lm, evaluate, Steering(layer, start), batch_size), k=k,
-                          l0=int((result.initial_weights > 0).sum())),
-                {"task": name, "method": method_label(label, CLEANED), "vector": label,
-                 "view": CLEANED, "k": None, "layer": layer, "nll": result.heldout_nll,
-                 "accuracy": result.heldout_accuracy, "n_prompts": len(evaluate),
-                 "l0": int((result.weights > 0).sum()), "steps": result.steps,
-                 "train_nll_start": result.nll[0], "train_nll_end": result.nll[-1]}]
-        features = [{"task": name, "layer": layer, "feature": feature,
-                     "recon_weight": result.initial_weights[feature].item(),
+                          l0=int((result.start_weights > 0).sum())),
+                score_row(name, label, CLEANED, layer, result.heldout_scores,
+                          l0=int((result.weights > 0).sum()), steps=result.steps,
+                          train_nll_start=result.nll[0], train_nll_end=result.nll[-1])]
+        features = [{"task": name, "layer": layer, "feature": feature, "start": view,
+                     "start_weight": result.start_weights[feature].item(),
                      "cleaned_weight": result.weights[feature].item()}
-                    for feature in (result.initial_weights > 0).nonzero().squeeze(-1).tolist()]
+                    for feature in (result.start_weights > 0).nonzero().squeeze(-1).tolist()]
         yield layer, {"scores": pd.DataFrame(rows),
                       "features": pd.DataFrame(features, columns=list(FEATURE_COLUMNS))
                       .astype(FEATURE_COLUMNS)}
@@ -253,22 +253,30 @@ def cleanup_report(scores: pd.DataFrame, label: str = TV) -> pd.DataFrame:
     return report.rename(index=int, level="layer")       # layers print as 4, not 4.0
 
 
-def earliest_effective_layer(scores: pd.DataFrame, method: str, baseline: str,
+def earliest_effective_layer(scores: pd.DataFrame, vector: str, view: str, baseline: str,
                              min_gain: float = MIN_GAIN) -> pd.Series:
-    """Per task, the first layer where ``method`` lowers the baseline NLL by ``min_gain`` (relative)."""
+    """Per task, the first layer where ``vector`` used as ``view`` (e.g. ``TV``,
+    ``CLEANED``) lowers the NLL of ``baseline`` (e.g. ``ZERO_SHOT``) by ``min_gain``
+    (relative). Rows are selected by the schema's columns, never by their labels."""
     if isinstance(min_gain, bool) or not isinstance(min_gain, Real) or not 0 < min_gain < 1:
         raise ValueError(f"min_gain={min_gain!r}: pass the relative NLL decrease that counts as "
                          f"working, a fraction in (0, 1) (e.g. {MIN_GAIN} for 20%)")
-    for name in (method, baseline):
-        if name not in set(scores.method):
-            raise ValueError(f"no rows of method {name!r}; the table has {sorted(set(scores.method))}")
+    steered_rows = scores[(scores.vector == vector) & (scores.view == view)]
+    base_rows = scores[scores.view == baseline]
+    if not len(steered_rows):
+        pairs = sorted({(v, w) for v, w in zip(scores.vector, scores.view) if isinstance(v, str)})
+        raise ValueError(f"no rows of vector {vector!r} as view {view!r}; the table has "
+                         f"(vector, view) {pairs}")
+    if baseline not in BASELINES or not len(base_rows):
+        raise ValueError(f"no rows of baseline {baseline!r}; baselines are {list(BASELINES)}, "
+                         f"the table has {sorted(set(scores.view) & set(BASELINES))}")
     out = {}
-    for task, group in scores.groupby("task", sort=False):
-        base = group[group.method == baseline].nll.iloc[0]
-        steered = group[group.method == method].sort_values("layer")
-        good = steered[steered.nll <= (1 - min_gain) * base]
+    for task, steered in steered_rows.groupby("task", sort=False):
+        base = base_rows[base_rows.task == task].nll.iloc[0]
+        good = steered.sort_values("layer")
+        good = good[good.nll <= (1 - min_gain) * base]
         out[task] = int(good.layer.iloc[0]) if len(good) else None
-    return pd.Series(out, name=method, dtype="object")
+    return pd.Series(out, name=method_label(vector, view), dtype="object")
 
 
 def top_cleaned_features(features: pd.DataFrame, layer: int, n: int = 1) -> dict[str, list]:
