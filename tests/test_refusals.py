@@ -206,7 +206,7 @@ def test_more_bad_values_are_refused(toy_lm, prompts):
     sae = load_sae("toy", 4)
     with pytest.raises(ValueError, match="n_texts must be a positive int"):
         corpus_texts("toy", n_texts=-1)
-    with pytest.raises(ValueError, match="no SAE reading resid_pre True"):
+    with pytest.raises(ValueError, match=r"layer must be an int .*not True \(bool\)"):
         load_sae("toy", True)
     with pytest.raises(ValueError, match="dtype 'float33'"):
         load_model("toy", device="cpu", dtype="float33")
