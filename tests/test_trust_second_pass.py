@@ -301,3 +301,32 @@ def test_a_layer_given_as_text_and_a_meta_vector_are_named():
         load_sae("toy", "4")
     with pytest.raises(ValueError, match="steering vector at layer 2 is on the meta device"):
         Steering(2, torch.zeros(8, device="meta"))
+
+
+def test_code_edited_after_import_is_refused_not_keyed_as_new(tmp_path, monkeypatch):
+    """A module edited on disk while the old one runs would store old-code results under
+    the new code's key."""
+    import shutil
+    import sys
+    import types
+
+    from tvlib import fingerprints
+    from tvlib.fingerprints import CodeChangedError
+    shutil.copytree(fingerprints.REPO_ROOT / "tvlib", tmp_path / "tvlib",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(fingerprints, "REPO_ROOT", tmp_path)
+    fingerprints.code_reloaded()
+    loaded = types.ModuleType("copied_cleanup")                 # "imported" from the copy
+    loaded.__file__ = str(tmp_path / "tvlib" / "cleanup.py")
+    monkeypatch.setitem(sys.modules, "copied_cleanup", loaded)
+    before = fingerprints.code_fingerprint()
+    with open(tmp_path / "tvlib" / "steered_loss.py", "a") as f:       # never imported
+        f.write("\n# a changed loss\n")
+    assert fingerprints.code_fingerprint()["steered_loss.py"] != before["steered_loss.py"]
+    with open(tmp_path / "tvlib" / "cleanup.py", "a") as f:            # imported: running
+        f.write("\n# a changed cleanup\n")
+    with pytest.raises(CodeChangedError, match=r"tvlib/cleanup.py changed on disk after this "
+                                               r"process imported it.*Restart the kernel"):
+        fingerprints.code_fingerprint()
+    fingerprints.code_reloaded()                                # after a reload: accepted
+    assert fingerprints.code_fingerprint()["cleanup.py"] != before["cleanup.py"]

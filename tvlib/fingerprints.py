@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import zlib
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -128,13 +129,60 @@ NOT_COMPUTING = ("plotting.py", "notebook.py", "offline_saes.py", "prose_text.py
                  "generated_text.py", "residual_store.py", "standins.py", "toy")
 
 
-def code_fingerprint() -> dict[str, str]:
-    """{module path: digest} of the tvlib source a cached result may be computed by: an
-    edited loss, view or scoring step is a different result, never an old one."""
-    package = REPO_ROOT / "tvlib"
+class CodeChangedError(RuntimeError):
+    """A computing module changed on disk after this process imported it."""
+
+
+def _source_digests(package: Path) -> dict[str, str]:
     return {str(path.relative_to(package)): file_digest(path)[:16]
             for path in sorted(package.rglob("*.py"))
             if path.relative_to(package).parts[0] not in NOT_COMPUTING}
+
+
+def _loaded_files() -> set[Path]:
+    return {Path(module.__file__).resolve() for module in list(sys.modules.values())
+            if getattr(module, "__file__", None)}
+
+
+# The computing source as this process first read it (at import): the code that runs is
+# that code, whatever the disk holds later.
+_AT_IMPORT: dict[Path, dict[str, str]] = {}
+
+
+def code_fingerprint() -> dict[str, str]:
+    """{module path: digest} of the tvlib source a cached result may be computed by: an
+    edited loss, view or scoring step is a different result, never an old one.
+
+    Refused when a module this process has imported changed on disk since: the code in
+    memory would compute results stored under the key of the code on disk.
+    """
+    package = REPO_ROOT / "tvlib"
+    now = _source_digests(package)
+    first = _AT_IMPORT.setdefault(package, dict(now))
+    loaded = _loaded_files()
+    changed = []
+    for name, digest_now in now.items():
+        if first.setdefault(name, digest_now) == digest_now:
+            continue
+        if (package / name).resolve() in loaded:
+            changed.append(name)
+        else:                       # not imported yet: it will run as it is on disk now
+            first[name] = digest_now
+    if changed:
+        raise CodeChangedError(
+            f"tvlib/{', tvlib/'.join(changed)} changed on disk after this process imported "
+            "it: results would be computed by the code in memory and stored under the key "
+            "of the code on disk. Restart the kernel (or Python) so that the code that runs "
+            "is the code on disk; after importlib.reload of every changed module, "
+            "tvlib.fingerprints.code_reloaded() accepts the new code instead")
+    return now
+
+
+def code_reloaded() -> None:
+    """Take the tvlib source on disk as the code this process runs (after reloading every
+    changed module, e.g. with %autoreload)."""
+    package = REPO_ROOT / "tvlib"
+    _AT_IMPORT[package] = _source_digests(package)
 
 
 def digest(obj) -> str:
@@ -156,3 +204,6 @@ def canonical(obj) -> str:
             return value.item()            # numpy and torch scalars
         raise TypeError(f"cannot put {type(value).__name__} {value!r} into a cache key")
     return json.dumps(obj, sort_keys=True, default=plain)
+
+
+code_reloaded()     # the source as imported: what this process runs
