@@ -42,6 +42,9 @@ def test_earliest_effective_layer_refuses_a_gain_outside_0_1():
         earliest_effective_layer(scores, TV, "cleaned", ZERO_SHOT)
     with pytest.raises(ValueError, match="no rows of baseline 'ICL'"):
         earliest_effective_layer(scores, TV, RAW, "ICL")
+    two = pd.concat([scores, scores.assign(task="u").iloc[1:]])       # task u: no baseline
+    with pytest.raises(ValueError, match="task 'u' has 0 rows of baseline 'zero-shot'"):
+        earliest_effective_layer(two, TV, RAW, ZERO_SHOT)
 
 
 QUICK = dict(n_prompts=4, n_shots=4, n_eval=6, n_train=6)

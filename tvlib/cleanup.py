@@ -25,7 +25,6 @@ import torch
 from tqdm.auto import tqdm
 
 from .interventions import Steering
-
 from .scoring import Scores, check_scored, score
 from .feature_weights import (ACTIVATIONS, INITS, UNITS, activation_function, feature_units,
                               initial_theta)

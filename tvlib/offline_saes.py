@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from .cache import write_atomic
-from .fingerprints import digest, file_digest
+from .fingerprints import code_fingerprint, digest
 from .generated_text import GenerationConfig, generate
 from .models import load_model, model_source
 from .paths import REPO_ROOT
@@ -259,6 +259,8 @@ def sweep(prepared: Prepared, cfg: BuildConfig, cache_dir: Path, log=print) -> l
     layer = cfg.sweep_layer or prepared.preset.resid_pre_layers_with_sae()[-1]
     mean = read_layer(prepared.stores["train"], layer).mean(0, dtype=torch.float32)
     n = min(cfg.sweep_tokens, int(prepared.train_rows[1].sum()))
+    # the measuring code as this process runs it (refused if edited on disk since import)
+    code = code_fingerprint()
     rows = []
     for training in cfg.sweep:
         t = time.time()
@@ -268,7 +270,7 @@ def sweep(prepared: Prepared, cfg: BuildConfig, cache_dir: Path, log=print) -> l
                                      n) / "sweep_measure.json"
         key = {"stores": {name: Path(store).name for name, store in prepared.stores.items()},
                "heldout_rows": cfg.heldout_rows, "loss_rows": cfg.loss_rows, "layer": layer,
-               "code": {m: file_digest(REPO_ROOT / "tvlib" / m) for m in MEASURE_MODULES}}
+               "code": {m: code[m] for m in MEASURE_MODULES}}
         stored = json.loads(record_path.read_text()) if record_path.is_file() else {}
         if stored.get("key") == key:
             row = stored["row"]

@@ -25,6 +25,10 @@ STYLE = {
     "grid.alpha": 0.3, "legend.frameon": False,
 }
 # Colours and line styles per (vector, view) of a score row, shared by every figure.
+# a cleanup's start view: (legend label, what its weights are called)
+START_LABELS = {RECON: ("SAE encoding of TV", "encoding"),
+                PURSUIT_START: ("pursuit start of TV", "pursuit")}
+
 VIEW_STYLE = {
     (None, ZERO_SHOT): dict(color="0.5", linestyle=":"),
     (None, ONE_SHOT): dict(color="0.5", linestyle=":"),
@@ -164,8 +168,8 @@ def plot_l0_per_task(scores: pd.DataFrame, layer: int, title: str = ""):
     with styled():
         fig, ax = plt.subplots(figsize=(max(3.5, 0.45 * len(table) + 1.5), 2.8))
         x = range(len(table))
-        label = "SAE encoding of TV" if start == RECON else "pursuit start of TV"
-        ax.bar([i - 0.2 for i in x], table[start], 0.4, label=label, color="tab:orange")
+        ax.bar([i - 0.2 for i in x], table[start], 0.4, label=START_LABELS[start][0],
+               color="tab:orange")
         ax.bar([i + 0.2 for i in x], table[CLEANED], 0.4, label="cleaned TV",
                color="tab:purple")
         ax.set_xticks(list(x), table.index, rotation=45, ha="right")
@@ -184,8 +188,7 @@ def plot_feature_weights(features: pd.DataFrame, task: str, layer: int, top: int
     rows = rows.sort_values("start_weight", ascending=False).head(top)
     start = rows.start_weight / rows.start_weight.abs().max()
     cleaned = rows.cleaned_weight / max(rows.cleaned_weight.abs().max(), 1e-12)
-    start_label, weight_name = {RECON: ("SAE encoding of TV", "encoding"),
-                                PURSUIT_START: ("pursuit start of TV", "pursuit")}[rows.start.iloc[0]]
+    start_label, weight_name = START_LABELS[rows.start.iloc[0]]
     with styled():
         fig, ax = plt.subplots(figsize=(max(4.0, 0.16 * len(rows) + 1.5), 2.6))
         x = range(len(rows))

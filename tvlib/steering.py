@@ -16,7 +16,6 @@ import pandas as pd
 import torch
 
 from .interventions import Steering
-
 from .scoring import score
 from .saes import check_sae_site
 from .prompt_batch import PromptBatch

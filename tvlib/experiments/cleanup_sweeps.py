@@ -272,7 +272,11 @@ def earliest_effective_layer(scores: pd.DataFrame, vector: str, view: str, basel
                          f"the table has {sorted(set(scores.view) & set(BASELINES))}")
     out = {}
     for task, steered in steered_rows.groupby("task", sort=False):
-        base = base_rows[base_rows.task == task].nll.iloc[0]
+        base = base_rows[base_rows.task == task].nll
+        if len(base) != 1:
+            raise ValueError(f"task {task!r} has {len(base)} rows of baseline {baseline!r}, not "
+                             "one: pass the scores of one sweep (its baseline rows with it)")
+        base = base.iloc[0]
         good = steered.sort_values("layer")
         good = good[good.nll <= (1 - min_gain) * base]
         out[task] = int(good.layer.iloc[0]) if len(good) else None

@@ -8,7 +8,6 @@ from typing import Iterator
 import pandas as pd
 
 from ..interventions import Steering, collect_residuals
-
 from ..scoring import score
 from ..models import check_layers
 from ..saes import SAEShelf, check_sae_site, load_sae, model_shelf

@@ -7,7 +7,6 @@ from typing import Iterator
 import pandas as pd
 
 from ..interventions import Steering
-
 from ..scoring import score
 from ..models import check_layers, n_layers
 from ..taskvec import task_vectors
