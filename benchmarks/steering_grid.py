@@ -16,7 +16,7 @@ from common import parse_args
 from tvlib.experiments import PromptConfig, build_task_prompts, model_tasks
 from tvlib.models import load_model
 from tvlib.saes import load_sae
-from tvlib.steering import steering_grid, steering_grid_loop
+from tvlib.steering import TASK_STEERING, steering_grid, steering_grid_loop
 
 TASKS = ["antonyms", "en_es", "en_fr", "country_capital", "location_language",
          "present_simple_past_simple", "singular_plural", "person_profession"]
@@ -35,10 +35,10 @@ def main():
     timings = {"batched": [], "per-cell loop": []}
     for _ in range(args.repeats):
         start = time.perf_counter()
-        batched = steering_grid(lm, batches, args.layer, sae, features)
+        batched = steering_grid(lm, batches, args.layer, sae, features, TASK_STEERING.scale)
         timings["batched"].append(time.perf_counter() - start)
         start = time.perf_counter()
-        loop = steering_grid_loop(lm, batches, args.layer, sae, features)
+        loop = steering_grid_loop(lm, batches, args.layer, sae, features, TASK_STEERING.scale)
         timings["per-cell loop"].append(time.perf_counter() - start)
     best = {name: min(t) for name, t in timings.items()}
     print(json.dumps({"tasks": len(batches), "features": len(features),

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from tvlib.cache import CacheWarning, cached_table, cached_tables, write_atomic
 from tvlib.fingerprints import digest
 from tvlib.result_keys import result_key
-from tvlib.experiments import PromptConfig, run_sae_view_sweep
+from tvlib.experiments import PromptConfig, SAEViewConfig, run_sae_view_sweep
 from tvlib.models import load_model
 from tvlib.presets import get_preset, preset_to_json, PRESETS
 from tvlib.paths import TOY_DIR
@@ -169,9 +169,9 @@ def test_replacing_an_sae_recomputes_the_results_it_changes(toy_copy, tmp_path, 
     monkeypatch.setattr("tvlib.cache.CACHE_DIR", tmp_path / "cache")
     lm = load_model(str(toy_copy), device="cpu")
     cfg = PromptConfig(n_prompts=4, n_shots=4, n_eval=6)
-    before = run_sae_view_sweep(lm, ["antonyms"], [4], cfg, target_l0=5)
+    before = run_sae_view_sweep(lm, ["antonyms"], [4], cfg, SAEViewConfig(target_l0=5))
     scale_decoder(toy_copy / "saes" / "layer_4", 3.0)
-    after = run_sae_view_sweep(lm, ["antonyms"], [4], cfg, target_l0=5)
+    after = run_sae_view_sweep(lm, ["antonyms"], [4], cfg, SAEViewConfig(target_l0=5))
     recon = lambda t: t[t.method == "Recon of TV"].nll.item()   # noqa: E731
     assert recon(after) != pytest.approx(recon(before), abs=1e-3)
     tv = lambda t: t[t.method == "TV"].nll.item()                # noqa: E731

@@ -330,10 +330,12 @@ def test_the_sae_of_another_layer_is_refused(toy_lm, setup):
     ("lr", 0.0, "lr=0.01"), ("lr", -1e-3, "lr=0.01"), ("lr", math.inf, "lr=0.01"),
     ("max_steps", 0, "max_steps=1000"), ("patience", 0, "patience=200"),
     ("pursuit_l0", 0, "pursuit_l0=7"), ("max_steps", 2.5, "max_steps=1000"),
-    ("init", "random", "init='encoder', init='pursuit'"),
-    ("activation", "gelu", "activation='sae', activation='relu'"),
-    ("units", "authors", "units='norm_scaled', units='sae'"),
-    ("pursuit_selection", "best", "pursuit_selection='inactive', pursuit_selection='all'"),
+    ("init", "random", "one of 'encoder', 'pursuit'; pass e.g. init='encoder'"),
+    ("activation", "gelu", "one of 'sae', 'relu'; pass e.g. activation='sae'"),
+    ("units", "authors", "one of 'norm_scaled', 'sae'; pass e.g. units='norm_scaled'"),
+    ("pursuit_selection", "best",
+     "one of 'inactive', 'all'; pass e.g. pursuit_selection='inactive'"),
+    ("progress", "false", "True or False; pass e.g. progress=True"),
 ])
 def test_invalid_config_is_refused_with_field_value_and_fix(field, value, fix):
     with pytest.raises(ValueError) as err:

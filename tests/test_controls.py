@@ -13,7 +13,7 @@ from tvlib.controls import (RULES, ControlsConfig, choose_scale, cleaned_norm_tv
 from tvlib.interventions import Steering
 from tvlib.scoring import score
 from tvlib.experiments import (AT_CLEANED_NORM, BEST_SCALED, CLEANED, RANDOM, RAW, SCALED,
-                               TUNED_TOP_COSINE, TUNED_TOP_ENCODING, TV, PromptConfig,
+                               SteeringConfig, TUNED_TOP_COSINE, TUNED_TOP_ENCODING, TV, PromptConfig,
                                build_task_prompts, controls_report, controls_summary,
                                method_label, model_tasks, own_feature_wins, own_vs_random,
                                run_controls_sweep, run_steering_matrix)
@@ -224,8 +224,10 @@ def test_steering_matrix_random_column(toy_lm, tmp_path, monkeypatch):
     from tvlib.plotting import plot_steering_matrix
     monkeypatch.setattr("tvlib.cache.CACHE_DIR", tmp_path)
     tasks, features = ["antonyms", "en_es"], {"antonyms": [45], "en_es": [322]}
-    plain = run_steering_matrix(toy_lm, tasks, LAYER, features, TINY, scale=20.0)
-    grid = run_steering_matrix(toy_lm, tasks, LAYER, features, TINY, scale=20.0, random_seed=0)
+    plain = run_steering_matrix(toy_lm, tasks, LAYER, features, TINY,
+                                SteeringConfig(scale=20.0, random_seed=None))
+    grid = run_steering_matrix(toy_lm, tasks, LAYER, features, TINY, SteeringConfig(20.0, 0))
+    assert run_steering_matrix(toy_lm, tasks, LAYER, features, TINY).equals(grid)  # default
     random = grid[grid.feature.isna()]
     assert random.task.tolist() == tasks and set(random.feature_task) == {RANDOM}
     assert random.seed.tolist() == [0, 0]
@@ -246,7 +248,7 @@ def test_steering_matrix_random_column(toy_lm, tmp_path, monkeypatch):
         assert against.loc[task].tolist() == [change, chance, change < chance]
     with pytest.raises(ValueError, match="no random-direction column"):
         own_vs_random(plain)
-    other = run_steering_matrix(toy_lm, tasks, LAYER, features, TINY, scale=20.0, random_seed=1)
+    other = run_steering_matrix(toy_lm, tasks, LAYER, features, TINY, SteeringConfig(20.0, 1))
     assert other[other.feature.isna()].loss.tolist() != random.loss.tolist()
     fig = plot_steering_matrix(grid)
     labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
@@ -256,16 +258,16 @@ def test_steering_matrix_random_column(toy_lm, tmp_path, monkeypatch):
 # ---------------------------------------------------------------- refusals
 
 @pytest.mark.parametrize("settings, match", [
-    ({"scales": []}, "non-empty list of finite numbers"),
-    ({"scales": [0.5, -1, 1]}, "finite numbers >= 0"),
-    ({"scales": [0.5, math.nan, 1]}, "finite numbers >= 0"),
-    ({"scales": [0.5, 1, 1]}, "lists a scale twice"),
+    ({"scales": []}, "non-empty list of distinct values that each be a finite number >= 0"),
+    ({"scales": [0.5, -1, 1]}, "each be a finite number >= 0"),
+    ({"scales": [0.5, math.nan, 1]}, "each be a finite number >= 0"),
+    ({"scales": [0.5, 1, 1]}, "list of distinct values"),
     ({"scales": [1, 2, 4]}, "include 1 .* and a value below 1"),
     ({"scales": [0.5, 2]}, "include 1"),
-    ({"random_seeds": []}, "non-empty list of ints"),
-    ({"random_seeds": [0, 0]}, "lists a seed twice"),
-    ({"random_seeds": [0.5]}, "non-empty list of ints"),
-    ({"rules": ["dot"]}, "distinct rules among"),
+    ({"random_seeds": []}, "non-empty list of distinct values that each be an int"),
+    ({"random_seeds": [0, 0]}, "list of distinct values"),
+    ({"random_seeds": [0.5]}, "each be an int"),
+    ({"rules": ["dot"]}, "distinct values that each be one of 'cosine', 'encoding'"),
     ({"tune_steps": 0}, "int >= 1 or None"),
 ])
 def test_bad_controls_config_is_refused(settings, match):
@@ -293,15 +295,19 @@ def test_bad_arguments_are_refused(toy_lm, setup):
             random_direction_rows(toy_lm, "antonyms", LAYER, norm, heldout)
     with pytest.raises(ValueError, match="cleaned_weights must be the cleanup's weights"):
         control_rows(toy_lm, sae, "antonyms", LAYER, tv, torch.zeros(5), train, heldout)
-    with pytest.raises(ValueError, match="the width must be an int"):
+    with pytest.raises(ValueError, match="d=0: the width must be an int >= 1"):
         random_directions(0, [0])
-    with pytest.raises(ValueError, match="scale must be a finite number"):
+    with pytest.raises(ValueError, match="scale=inf: must be a finite number"):
         random_direction_grid(toy_lm, {"antonyms": heldout}, LAYER, math.inf, 0)
     with pytest.raises(ValueError, match="controls must be a ControlsConfig"):
         run_controls_sweep(toy_lm, ["antonyms"], [LAYER], TINY, STEPS, {"scales": [1]})
-    with pytest.raises(ValueError, match="random_seed must be an int"):
-        run_steering_matrix(toy_lm, ["antonyms"], LAYER, {"antonyms": [45]}, TINY,
-                            random_seed="0")
+    with pytest.raises(ValueError, match="SteeringConfig.random_seed='0': must be an int or "
+                                         "None; pass e.g. random_seed=0"):
+        SteeringConfig(random_seed="0")
+    with pytest.raises(ValueError, match="SteeringConfig.scale=nan: must be a finite number"):
+        SteeringConfig(scale=math.nan)
+    with pytest.raises(ValueError, match="steering must be a SteeringConfig, not float"):
+        run_steering_matrix(toy_lm, ["antonyms"], LAYER, {"antonyms": [45]}, TINY, 20.0)
     with pytest.raises(ValueError, match="labelled with its scale"):
         method_label(TV, SCALED)
 

@@ -171,14 +171,14 @@ def check_norm_forward(lm, sae, norm, features=(1, 2, 9)):
 def test_logit_table_refuses_bad_arguments(toy_lm, monkeypatch):
     sae = load_sae("toy", 4)
     for k in (0, -1, True, 2.5, "3"):
-        with pytest.raises(ValueError, match="k .* must be a positive int"):
+        with pytest.raises(ValueError, match="k=.*: must be an int >= 1; pass the number of tokens"):
             logit_table(toy_lm, sae, [1], k=k)
     with pytest.raises(ValueError, match="more than the 2291 tokens"):
         logit_table(toy_lm, sae, [1], k=5000)
     for features in (3, [-1], [sae.cfg.d_sae], ["1"]):
         with pytest.raises(ValueError, match="feature"):
             logit_table(toy_lm, sae, features)
-    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+    with pytest.raises(ValueError, match="batch_size=0: must be an int >= 1"):
         logit_table(toy_lm, sae, [1], batch_size=0)
     dead = load_sae("toy", 4)
     with torch.no_grad():
@@ -215,7 +215,7 @@ def test_html_shows_promoted_and_suppressed_tokens(toy_lm, corpus):
     assert "(not active on the corpus)" in html
     with pytest.raises(ValueError, match="logits must be a logit_table"):
         examples_html(toy_lm.tokenizer, corpus, reading.top, logits=reading.top)
-    with pytest.raises(ValueError, match="n_logits must be a positive int"):
+    with pytest.raises(ValueError, match="n_logits=0: must be an int >= 1; pass e.g. n_logits=6"):
         examples_html(toy_lm.tokenizer, corpus, reading.top, logits=logits, n_logits=0)
 
 

@@ -75,4 +75,5 @@ def test_fingerprints_and_cache_are_leaves():
     graph = import_graph()
     assert "tvlib.cache" in graph["tvlib.result_keys"]
     assert graph["tvlib.fingerprints"] == {"tvlib.paths"}
+    assert graph["tvlib.checks"] == set()                   # every module may use it
     assert graph["tvlib.cache"] <= {"tvlib.fingerprints", "tvlib.paths"}

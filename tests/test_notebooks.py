@@ -63,7 +63,7 @@ def test_zero_shots_in_a_notebook_is_refused_not_replaced(tmp_path, monkeypatch)
     """N_SHOTS = 0 used to become the preset's default through an `or`."""
     import papermill
     monkeypatch.setenv("TVLIB_CACHE_DIR", str(tmp_path / "cache"))
-    with pytest.raises(papermill.PapermillExecutionError, match="n_shots must be a positive"):
+    with pytest.raises(papermill.PapermillExecutionError, match="n_shots=0: must be an int >= 1"):
         papermill.execute_notebook(str(NOTEBOOKS[0]), str(tmp_path / "out.ipynb"),
                                    parameters={"SMOKE": True, "N_SHOTS": 0},
                                    kernel_name="python3", progress_bar=False,

@@ -66,7 +66,7 @@ def test_sampled_chunks_are_reused_and_damaged_ones_sampled_again(tmp_path):
 def test_generation_settings_are_checked():
     with pytest.raises(ValueError, match="n_texts=10 is not a multiple of batch_size=4"):
         GenerationConfig(n_texts=10, batch_size=4)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
+    with pytest.raises(ValueError, match="temperature=0: must be a finite number > 0"):
         GenerationConfig(temperature=0)
 
 

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from tvlib import hub
 from tvlib.authors_sae import convert_authors_weights, load_authors_sae
 from tvlib.cleanup import CleanupConfig, cleanup
-from tvlib.experiments import (PromptConfig, build_task_prompts, run_cleanup_sweep,
-                               run_sae_view_sweep, run_steering_matrix, top_cleaned_features)
+from tvlib.experiments import (PromptConfig, SAEViewConfig, SteeringConfig, build_task_prompts,
+                               run_cleanup_sweep, run_sae_view_sweep, run_steering_matrix, top_cleaned_features)
 from tvlib.features import corpus_texts, read_features, tokenize_corpus
 from tvlib.models import blocks, d_model, load_model, model_dtype, n_layers
 from tvlib.presets import get_preset, PRESETS
@@ -107,13 +107,13 @@ def test_standin_runs_every_experiment(name, standins, tmp_path, monkeypatch):
     preset = standins[name]
     lm = load_model(folder(preset), device="cpu")
     layer, tasks = preset.task_layer, ["antonyms", "en_es"]
-    views = run_sae_view_sweep(lm, tasks, [layer], TINY, target_l0=5)
+    views = run_sae_view_sweep(lm, tasks, [layer], TINY, SAEViewConfig(target_l0=5))
     assert {"TV", "Recon of TV", "TV on recon", "ITO (L0=5)"} <= set(views.method)
     assert views.nll.notna().all()
     cleaned = run_cleanup_sweep(lm, tasks, [layer], TINY, QUICK)
     features = top_cleaned_features(cleaned["features"], layer, 1)
     assert all(features.values())
-    grid = run_steering_matrix(lm, tasks, layer, features, TINY, scale=5.0)
+    grid = run_steering_matrix(lm, tasks, layer, features, TINY, SteeringConfig(scale=5.0))
     assert grid.relative_change.notna().all()
     corpus = tokenize_corpus(lm.tokenizer, corpus_texts(folder(preset))[:8])
     reading = read_features(lm, load_sae(preset, layer, device="cpu"), layer, corpus, [0, 1])

@@ -86,7 +86,7 @@ def test_batch_size_must_be_positive(toy_lm, prompts, bad):
                  lambda: collect_residuals(toy_lm, batch.model_inputs(), [2],
                                            batch.separator_pos, batch_size=bad),
                  lambda: task_vectors(toy_lm, batch, [2], batch_size=bad)):
-        with pytest.raises(ValueError, match=f"batch_size must be a positive int, not {bad}"):
+        with pytest.raises(ValueError, match=f"batch_size={bad}: must be an int >= 1; pass e.g. batch_size=32"):
             call()
 
 
@@ -119,11 +119,11 @@ def test_prompts_longer_than_the_context_are_refused(toy_lm, prompts, monkeypatc
 def test_steering_grid_and_reading_refuse_an_sae_of_another_layer(toy_lm, prompts):
     sae3 = load_sae("toy", 3)
     with pytest.raises(ValueError, match="reads resid_pre 3.*not resid_pre 4"):
-        steering_grid(toy_lm, {"antonyms": prompts.zero_shot}, 4, sae3, [1])
+        steering_grid(toy_lm, {"antonyms": prompts.zero_shot}, 4, sae3, [1], 20.0)
     corpus = tokenize_corpus(toy_lm.tokenizer, ["the capital of france is paris"])
     with pytest.raises(ValueError, match="reads resid_pre 3.*not resid_pre 4"):
         read_features(toy_lm, sae3, 4, corpus)
-    with pytest.raises(ValueError, match="scale must be a finite number"):
+    with pytest.raises(ValueError, match="scale=nan: must be a finite number"):
         steering_grid(toy_lm, {"antonyms": prompts.zero_shot}, 3, sae3, [1], scale=float("nan"))
 
 
@@ -149,16 +149,17 @@ def test_a_batch_without_answers_is_not_scored_as_perfect(toy_lm):
 
 
 def test_steering_matrix_keys_and_labels_follow_features_by_task(toy_lm, tmp_path, monkeypatch):
-    from tvlib.experiments import own_feature_wins, run_steering_matrix
+    from tvlib.experiments import SteeringConfig, own_feature_wins, run_steering_matrix
     monkeypatch.setattr("tvlib.cache.CACHE_DIR", tmp_path)
+    NO_RANDOM = SteeringConfig(random_seed=None)           # the features' columns only
     first = run_steering_matrix(toy_lm, ["antonyms", "en_es"], 4,
-                                {"antonyms": [45, 322], "en_es": []}, TINY)
+                                {"antonyms": [45, 322], "en_es": []}, TINY, NO_RANDOM)
     second = run_steering_matrix(toy_lm, ["antonyms", "en_es"], 4,
-                                 {"antonyms": [45], "en_es": [322]}, TINY)
+                                 {"antonyms": [45], "en_es": [322]}, TINY, NO_RANDOM)
     label = lambda grid, f: set(grid[grid.feature == f].feature_task)   # noqa: E731
     assert label(first, 322) == {"antonyms"} and label(second, 322) == {"en_es"}
     shared = run_steering_matrix(toy_lm, ["antonyms", "en_es"], 4,
-                                 {"antonyms": [45], "en_es": [45]}, TINY)
+                                 {"antonyms": [45], "en_es": [45]}, TINY, NO_RANDOM)
     assert label(shared, 45) == {"antonyms+en_es"}
     wins = own_feature_wins(shared)                # the one feature counts for both rows
     for task in ("antonyms", "en_es"):
@@ -204,7 +205,7 @@ def test_more_bad_values_are_refused(toy_lm, prompts):
     from tvlib.pursuit import gradient_pursuit
     from tvlib.sae_views import recon_of_tv
     sae = load_sae("toy", 4)
-    with pytest.raises(ValueError, match="n_texts must be a positive int"):
+    with pytest.raises(ValueError, match="n_texts=-1: must be an int >= 1"):
         corpus_texts("toy", n_texts=-1)
     with pytest.raises(ValueError, match=r"layer must be an int .*not True \(bool\)"):
         load_sae("toy", True)

@@ -6,7 +6,7 @@ from sae_lens import (SAE, GatedSAEConfig, JumpReLUSAEConfig, StandardSAEConfig,
 from tvlib.saes import check_sae_site, load_sae, sae_site
 from tvlib.prompt_batch import tokenize_prompts
 from tvlib.prompts import few_shot_prompts
-from tvlib.sae_views import ito, recon_of_tv, tv_on_recon
+from tvlib.sae_views import ITOSweepConfig, SAEViewConfig, ito, recon_of_tv, tv_on_recon
 from tvlib.interventions import collect_residuals
 from tvlib.tasks import load_task
 
@@ -106,3 +106,24 @@ def test_a_self_contradicting_record_is_refused():
     sae = random_sae("standard", hook_name="blocks.3.hook_resid_pre", site="resid_pre", layer=2)
     with pytest.raises(ValueError, match="contradicts itself"):
         sae_site(sae)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: SAEViewConfig(target_l0=0),
+     "SAEViewConfig.target_l0=0: must be an int >= 1; pass e.g. target_l0=40"),
+    (lambda: SAEViewConfig(subtract_b_dec="false"),
+     "SAEViewConfig.subtract_b_dec='false': must be True or False"),
+    (lambda: ITOSweepConfig(target_l0s=[5, 5]), "ITOSweepConfig.target_l0s=\\(5, 5\\): must "
+     "be a non-empty list of distinct values that each be an int >= 1; pass e.g. "
+     "target_l0s=\\[5, 10, 20, 40, 100\\]"),
+    (lambda: ITOSweepConfig(target_l0s=[]), "non-empty list"),
+    (lambda: ITOSweepConfig(target_l0s=[5.0]), "each be an int >= 1"),
+])
+def test_view_configs_refuse_bad_settings(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_view_configs_keep_lists_as_tuples():
+    assert ITOSweepConfig(target_l0s=[5, 20]).target_l0s == (5, 20)
+    assert hash(ITOSweepConfig(target_l0s=[5, 20])) == hash(ITOSweepConfig(target_l0s=(5, 20)))

@@ -7,7 +7,7 @@ import pytest
 from tvlib.cleanup import CleanupConfig
 from tvlib.experiments import (CLEANED, DETECTOR, ICL, ITO, ON_RECON, ONE_SHOT, PURSUIT_START,
                                RAW, RECON, TV, ZERO_SHOT, PromptConfig, method_label,
-                               run_detector_sweep, run_sae_view_sweep)
+                               SAEViewConfig, run_detector_sweep, run_sae_view_sweep)
 
 TINY = PromptConfig(n_prompts=3, n_shots=3, n_eval=6, n_train=4)
 
@@ -32,7 +32,7 @@ def test_labels():
 
 def test_sweep_rows_have_columns_and_labels_from_them(toy_lm, tmp_path, monkeypatch):
     monkeypatch.setattr("tvlib.cache.CACHE_DIR", tmp_path / "cache")
-    views = run_sae_view_sweep(toy_lm, ["antonyms"], [4], TINY, target_l0=5)
+    views = run_sae_view_sweep(toy_lm, ["antonyms"], [4], TINY, SAEViewConfig(target_l0=5))
     assert list(views.view) == [ZERO_SHOT, ICL, RAW, RECON, ON_RECON, ITO]
     assert views[views.view == ITO].k.tolist() == [5]
     labels_match(views)

@@ -46,4 +46,4 @@ def test_directions_are_unit_and_empty_is_an_error(toy_lm, batches):
     d = feature_directions(load_sae("toy", 2), [0, 5])
     torch.testing.assert_close(d.norm(dim=-1), torch.ones(2))
     with pytest.raises(ValueError, match="no features"):
-        steering_grid(toy_lm, batches, 2, load_sae("toy", 2), [])
+        steering_grid(toy_lm, batches, 2, load_sae("toy", 2), [], 20.0)

@@ -333,3 +333,38 @@ def test_code_edited_after_import_is_refused_not_keyed_as_new(tmp_path, monkeypa
         fingerprints.code_fingerprint()
     fingerprints.code_reloaded()                                # after a reload: accepted
     assert fingerprints.code_fingerprint()["cleanup.py"] != before["cleanup.py"]
+
+
+def test_the_model_handle_keeps_nnsights_object_untouched():
+    """load_model returns tvlib's handle; nnsight's wrapper (whose class path NDIF rebuilds
+    a remote model from) carries no tvlib attributes, and reads through the handle."""
+    import copy
+    import pickle
+
+    from tvlib.models import Model, load_model, trace
+    from tvlib.presets import get_preset
+    lm = load_model("toy", device="cpu")
+    assert isinstance(lm, Model) and lm.preset == get_preset("toy") and lm.remote is False
+    assert type(lm.nn).__module__.startswith("nnsight.")
+    assert "preset" not in vars(lm.nn) and "remote" not in vars(lm.nn)
+    assert lm.tokenizer is lm.nn.tokenizer and lm._module is lm.nn._module
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        lm.preset = get_preset("gpt2")
+    assert copy.copy(lm).nn is lm.nn                      # dunders do not read through
+    assert pickle.loads(pickle.dumps(Model(None, lm.preset))).preset == lm.preset
+    ids = lm.tokenizer(["a b"], return_tensors="pt")
+    with trace(lm, dict(ids)):
+        logits = lm.output.logits.save()
+    assert logits.shape[-1] == lm._module.config.vocab_size
+
+
+def test_a_raw_nnsight_model_is_refused_with_the_fix():
+    from tvlib.experiments import prompt_config
+    from tvlib.models import load_model, model_identity, trace
+    from tvlib.saes import model_shelf
+    raw = load_model("toy", device="cpu").nn
+    for call in (lambda: prompt_config(raw), lambda: model_identity(raw),
+                 lambda: model_shelf(raw), lambda: trace(raw, {"input_ids": torch.ones(1, 2)})):
+        with pytest.raises(TypeError, match="expected a model loaded by tvlib.load_model, "
+                                            "got nnsight.*load_model\\(preset\\)"):
+            call()

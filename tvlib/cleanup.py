@@ -19,11 +19,11 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from numbers import Integral, Real
 
 import torch
 from tqdm.auto import tqdm
 
+from .checks import FLAG, NON_NEGATIVE, POSITIVE, POSITIVE_INT, one_of, validate
 from .interventions import Steering
 from .scoring import Scores, check_scored, score
 from .feature_weights import (ACTIVATIONS, INITS, UNITS, activation_function, feature_units,
@@ -34,10 +34,6 @@ from .sae_views import check_features
 from .prompt_batch import PromptBatch
 from .pursuit import SELECTIONS
 from .steered_loss import SteeredNLL
-
-
-def _refuse(field_name: str, value, rule: str, fix: str):
-    raise ValueError(f"CleanupConfig.{field_name}={value!r}: {rule}; {fix}")
 
 
 @dataclass(frozen=True)
@@ -54,28 +50,10 @@ class CleanupConfig:
     progress: bool = True
 
     def __post_init__(self):
-        def is_int(value):
-            return isinstance(value, Integral) and not isinstance(value, bool)
-
-        if isinstance(self.lam, bool) or not (isinstance(self.lam, Real)
-                                              and math.isfinite(self.lam) and self.lam >= 0):
-            _refuse("lam", self.lam, "the L1 coefficient must be a finite number >= 0",
-                    "pass e.g. lam=0.02 (0 turns the penalty off)")
-        if isinstance(self.lr, bool) or not (isinstance(self.lr, Real)
-                                             and math.isfinite(self.lr) and self.lr > 0):
-            _refuse("lr", self.lr, "Adam's learning rate must be a finite number > 0",
-                    "pass e.g. lr=0.01")
-        for name in ("max_steps", "patience", "pursuit_l0"):
-            value = getattr(self, name)
-            if not (is_int(value) and value >= 1):
-                _refuse(name, value, "must be an int >= 1", f"pass e.g. {name}="
-                        f"{CleanupConfig.__dataclass_fields__[name].default}")
-        for name, allowed in (("init", INITS), ("pursuit_selection", SELECTIONS),
-                              ("activation", ACTIVATIONS), ("units", UNITS)):
-            value = getattr(self, name)
-            if value not in allowed:
-                _refuse(name, value, "unknown value",
-                        "pass one of " + ", ".join(f"{name}={a!r}" for a in allowed))
+        validate(self, lam=NON_NEGATIVE, lr=POSITIVE, max_steps=POSITIVE_INT,
+                 patience=POSITIVE_INT, pursuit_l0=POSITIVE_INT, init=one_of(INITS),
+                 pursuit_selection=one_of(SELECTIONS), activation=one_of(ACTIVATIONS),
+                 units=one_of(UNITS), progress=FLAG)
 
 
 @dataclass

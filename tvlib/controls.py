@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from numbers import Integral, Real
 
 import pandas as pd
 import torch
 
+from .checks import (FINITE, INT, NON_NEGATIVE, OPTIONAL_POSITIVE_INT, POSITIVE,
+                     POSITIVE_INT, Rule, check, distinct, one_of, validate)
 from .cleanup import CleanupConfig, check_support, cleanup, finished
 from .interventions import Steering
 from .scoring import score
@@ -49,14 +50,6 @@ RULES = ("cosine", "encoding")          # how hand-picked features are picked
 RULE_VIEWS = {"cosine": TUNED_TOP_COSINE, "encoding": TUNED_TOP_ENCODING}
 
 
-def _refuse(field_name: str, value, rule: str, fix: str):
-    raise ValueError(f"ControlsConfig.{field_name}={value!r}: {rule}; {fix}")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, Integral) and not isinstance(value, bool)
-
-
 @dataclass(frozen=True)
 class ControlsConfig:
     """The controls' settings (the cleanup's own are its ``CleanupConfig``)."""
@@ -67,38 +60,14 @@ class ControlsConfig:
     tune_steps: int | None = None     # Adam steps of the hand-picked tune; None: max_steps
 
     def __post_init__(self):
-        for name in ("scales", "random_seeds", "rules"):   # lists from notebooks, kept
-            value = getattr(self, name)                   # as tuples (frozen, hashable)
-            if isinstance(value, (list, tuple)):
-                object.__setattr__(self, name, tuple(value))
-        scales = self.scales
-        if not isinstance(scales, tuple) or not scales or any(
-                isinstance(s, bool) or not isinstance(s, Real) or not math.isfinite(s) or s < 0
-                for s in scales):
-            _refuse("scales", scales, "must be a non-empty list of finite numbers >= 0",
-                    "pass e.g. scales=[0, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4]")
-        if len(set(scales)) != len(scales):
-            _refuse("scales", scales, "lists a scale twice", "list each scale once")
-        if 1 not in scales or not any(s < 1 for s in scales):
-            _refuse("scales", scales, "must include 1 (the TV itself) and a value below 1 "
-                    "(a cleaned vector may work by being shorter)",
-                    "pass e.g. scales=[0, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4]")
-        seeds = self.random_seeds
-        if not isinstance(seeds, tuple) or not seeds or not all(_is_int(s) for s in seeds):
-            _refuse("random_seeds", seeds, "must be a non-empty list of ints",
-                    "pass e.g. random_seeds=[0, 1, 2, 3, 4]")
-        if len(set(seeds)) != len(seeds):
-            _refuse("random_seeds", seeds, "lists a seed twice (the same direction)",
-                    "list each seed once")
-        rules = self.rules
-        if not isinstance(rules, tuple) or any(r not in RULES for r in rules) \
-                or len(set(rules)) != len(rules):
-            _refuse("rules", rules, f"must be distinct rules among {RULES}",
-                    "pass e.g. rules=['cosine', 'encoding'], or [] for none")
-        if self.tune_steps is not None and not (_is_int(self.tune_steps)
-                                                and self.tune_steps >= 1):
-            _refuse("tune_steps", self.tune_steps, "must be an int >= 1 or None",
-                    "pass e.g. tune_steps=1000, or None for the cleanup's max_steps")
+        validate(self, scales=distinct(NON_NEGATIVE), random_seeds=distinct(INT),
+                 rules=distinct(one_of(RULES), allow_empty=True),
+                 tune_steps=OPTIONAL_POSITIVE_INT)
+        if 1 not in self.scales or not any(s < 1 for s in self.scales):
+            check("ControlsConfig.scales", self.scales, Rule(
+                lambda _: False, "must include 1 (the TV itself) and a value below 1 (a "
+                "cleaned vector may work by being shorter)"),
+                "pass e.g. scales=[0, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4]")
 
 
 # ---------------------------------------------------------------- checks
@@ -116,18 +85,15 @@ def _check_vector(tv: torch.Tensor, d: int | None = None, what: str = "tv") -> N
 
 
 def _check_norm(norm) -> float:
-    if isinstance(norm, bool) or not isinstance(norm, Real) or not math.isfinite(norm) \
-            or norm <= 0:
-        raise ValueError(f"norm={norm!r}: the cleaned vector's norm must be a finite number "
-                         "> 0; pass cleaned_vector.norm().item()")
-    return float(norm)
+    return float(check("norm", norm, Rule(POSITIVE.holds, "the cleaned vector's norm "
+                                          + POSITIVE.text), "pass cleaned_vector.norm().item()"))
 
 
 def _check_k(sae, k) -> int:
-    if not _is_int(k) or not 1 <= k <= sae.cfg.d_sae:
-        raise ValueError(f"k={k!r}: the number of features to pick must be an int between 1 "
-                         f"and the SAE's {sae.cfg.d_sae}; pass the number cleanup kept")
-    return int(k)
+    width = sae.cfg.d_sae
+    return int(check("k", k, Rule(lambda v: POSITIVE_INT.holds(v) and v <= width,
+                                  f"the number of features to pick must be an int between 1 "
+                                  f"and the SAE's {width}"), "pass the number cleanup kept"))
 
 
 # ---------------------------------------------------------------- scale
@@ -178,8 +144,8 @@ def cleaned_norm_tv_row(lm, task: str, layer: int, tv: torch.Tensor, norm: float
 def random_directions(d: int, seeds) -> torch.Tensor:
     """(n_seeds, d) unit vectors, each drawn from N(0, I_d) with its own seed (CPU)."""
     seeds = ControlsConfig(random_seeds=seeds).random_seeds
-    if not _is_int(d) or d < 1:
-        raise ValueError(f"d={d!r}: the width must be an int >= 1 (the residual stream's)")
+    check("d", d, Rule(POSITIVE_INT.holds, "the width " + POSITIVE_INT.text),
+          "pass the residual stream's width, d_model(lm)")
     rows = [torch.randn(d, generator=torch.Generator().manual_seed(seed)) for seed in seeds]
     directions = torch.stack(rows)                                        # (n, d)
     return directions / directions.norm(dim=-1, keepdim=True)
@@ -204,8 +170,7 @@ def random_direction_grid(lm, batches: dict[str, PromptBatch], layer: int, scale
     """Notebook 06's random column: one random unit direction (``seed``) times ``scale``, the
     features' scale, added as ``steering.steering_grid`` adds a feature; its rows in the
     grid's schema (``feature`` empty, ``feature_task`` RANDOM, column ``seed``)."""
-    if isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number (the features' scale), not {scale!r}")
+    check("scale", scale, FINITE, "pass the features' scale, e.g. scale=20.0")
     if not isinstance(batches, dict) or not batches:
         raise ValueError("batches must be a non-empty dict {task name: PromptBatch}")
     direction = random_directions(d_model(lm), [seed])[0]                  # (d,)

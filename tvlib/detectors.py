@@ -23,7 +23,6 @@ PLACEHOLDER_PAIR = ("X", "Y")   # the literal one-shot example of detector promp
 
 # The authors' detector cleanup: pursuit start with k=7 features, lambda 5e-4.
 DETECTOR_CLEANUP = CleanupConfig(init="pursuit", pursuit_l0=7, lam=5e-4)
-DETECTOR_SCALE = 25.0           # the writeup's steering scale for single detector features
 
 
 def detector_prompts(pairs: Sequence[tuple[str, str]] | Task,

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from .checks import POSITIVE_INT, check
 from .hub import hub_files
 from .models import final_norm_scale, unembedding
 from .saes import check_sae_site
@@ -30,8 +31,7 @@ def corpus_texts(preset, n_texts: int = 2000) -> list[str]:
     """
     from .presets import get_preset
     preset = get_preset(preset)
-    if isinstance(n_texts, bool) or not isinstance(n_texts, int) or n_texts < 1:
-        raise ValueError(f"n_texts must be a positive int, not {n_texts!r}")
+    check("n_texts", n_texts, POSITIVE_INT, "pass e.g. n_texts=2000")
     if preset.corpus is None:
         raise ValueError(f"preset {preset.name!r} names no corpus: pass your own list of texts "
                          "to tokenize_corpus (e.g. a slice of a pretraining dataset)")
@@ -85,8 +85,7 @@ def read_features(lm, sae, layer: int, corpus: dict, features=(), k: int = 8,
     """
     check_sae_site(sae, lm, layer)
     features = torch.as_tensor(check_features(sae, features), dtype=torch.long)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k (contexts per feature) must be a positive int, not {k!r}")
+    check("k", k, POSITIVE_INT, "pass the number of contexts per feature, e.g. k=8")
     check_batch_size(batch_size)
     inputs, counted = corpus["inputs"], corpus["counted"]
     if not counted.any():
@@ -160,8 +159,7 @@ def logit_table(lm, sae, features, k: int = 10, batch_size: int = 64) -> pd.Data
     (the SAE's decoder rows are moved there), one matrix product per ``batch_size`` features.
     """
     features = list(dict.fromkeys(check_features(sae, features)))     # each feature once
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k (tokens per direction) must be a positive int, not {k!r}")
+    check("k", k, POSITIVE_INT, "pass the number of tokens per direction, e.g. k=10")
     check_batch_size(batch_size)
     W_U = unembedding(lm)                                                  # (V, d)
     scale, centres = final_norm_scale(lm)
@@ -230,8 +228,7 @@ def examples_html(tokenizer, corpus: dict, top, density=None, links=None, logits
         if missing:
             raise ValueError(f"logits must be a logit_table (columns {LOGIT_COLUMNS}); this "
                              f"table lacks {sorted(missing)}")
-        if isinstance(n_logits, bool) or not isinstance(n_logits, int) or n_logits < 1:
-            raise ValueError(f"n_logits must be a positive int, not {n_logits!r}")
+        check("n_logits", n_logits, POSITIVE_INT, "pass e.g. n_logits=6")
     ids = corpus["inputs"]["input_ids"]
     header = "<th>max-activating contexts (activation)</th>"
     if logits is not None:

@@ -24,6 +24,7 @@ import torch
 
 from .architectures import architecture, submodule
 from .cache import CacheWarning, write_atomic
+from .checks import INT, POSITIVE, POSITIVE_INT, validate
 from .fingerprints import LIBRARIES, digest, folder_digest
 
 # Bump when the sampling, the seeding or what a chunk holds changes: old chunks are then
@@ -42,12 +43,8 @@ class GenerationConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("n_texts", "n_tokens", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"GenerationConfig.{name} must be a positive int, not {value!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"GenerationConfig.temperature must be > 0, not {self.temperature!r}")
+        validate(self, n_texts=POSITIVE_INT, n_tokens=POSITIVE_INT, batch_size=POSITIVE_INT,
+                 temperature=POSITIVE, seed=INT)
         if self.n_texts % self.batch_size:
             raise ValueError(f"n_texts={self.n_texts} is not a multiple of batch_size="
                              f"{self.batch_size}: choose n_texts as a number of whole chunks")

@@ -13,6 +13,7 @@ from numbers import Integral
 
 import torch
 
+from .checks import POSITIVE_INT, check
 from .models import check_layers, d_model, resid_pre, trace
 from .prompt_batch import PromptBatch
 
@@ -81,9 +82,8 @@ def check_start(positions: torch.Tensor, start: int, what: str) -> None:
 
 
 def check_batch_size(batch_size: int) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, not {batch_size!r}: e.g. 32 "
-                         "(lower it if memory runs out)")
+    check("batch_size", batch_size, POSITIVE_INT,
+          "pass e.g. batch_size=32 (lower it if memory runs out)")
 
 
 def collect_residuals(lm, inputs: dict[str, torch.Tensor], layers, positions: torch.Tensor,

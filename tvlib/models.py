@@ -7,8 +7,10 @@ block L (Hugging Face ``hidden_states[L]``).
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 from numbers import Integral
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -18,12 +20,44 @@ from .hub import hub_files
 from .presets import GEMMA3_270M_PYPI, Preset, get_preset
 
 
+@dataclass(frozen=True, eq=False)
+class Model:
+    """A loaded model: nnsight's wrapper with what tvlib loaded it as.
+
+    ``nn`` is nnsight's object, untouched: NDIF rebuilds a remote model from its class
+    path, so tvlib wraps it rather than subclassing it or setting attributes on it.
+    Everything else (``trace``, ``tokenizer``, ``_module``, the module tree) reads
+    through to it, so ``lm.trace(...)`` and ``lm.model.layers`` work as on nnsight's.
+    """
+
+    nn: Any                      # nnsight.modeling.transformers.TransformersModel
+    preset: Preset
+    remote: bool | str = False   # True: NDIF; "local": NDIF's path simulated in-process
+
+    def __getattr__(self, name: str):
+        # only reached for attributes the handle does not own; dunder lookups (copy,
+        # pickle) and a handle without ``nn`` yet (while unpickling) must not recurse
+        if name.startswith("__") or name == "nn":
+            raise AttributeError(name)
+        return getattr(self.nn, name)
+
+
+def as_model(lm) -> Model:
+    """``lm`` itself when it is a loaded Model, else a clear error naming the fix."""
+    if isinstance(lm, Model):
+        return lm
+    raise TypeError(
+        f"expected a model loaded by tvlib.load_model, got {type(lm).__module__}."
+        f"{type(lm).__qualname__}: load it with load_model(preset) (it returns a Model "
+        "holding nnsight's wrapper as .nn and the preset it was loaded as)")
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_model(preset: str | Preset, device: str | None = None, device_map: str | None = None,
-               remote: bool | str = False, dtype: str | None = None):
+               remote: bool | str = False, dtype: str | None = None) -> Model:
     """The preset's model wrapped by nnsight, in eval mode, ready to trace.
 
     device: "cpu" (float32) or "cuda" (the preset's ``dtype_cuda``); default: CUDA if
@@ -32,7 +66,7 @@ def load_model(preset: str | Preset, device: str | None = None, device_map: str 
     remote=True runs every trace on NDIF (nnsight's remote backend; no local weights:
     reading, steering and scoring work, gradient-based steps do not, see
     ``require_local``); remote="local" simulates that path in-process (for tests).
-    The returned model carries ``lm.preset`` and ``lm.remote``, read by the rest of tvlib.
+    Returns a ``Model``: nnsight's wrapper as ``.nn``, with ``.preset`` and ``.remote``.
     """
     preset = get_preset(preset)
     source = model_source(preset)
@@ -46,11 +80,7 @@ def load_model(preset: str | Preset, device: str | None = None, device_map: str 
     lm.tokenizer.padding_side = "left"
     if lm.tokenizer.pad_token is None:
         lm.tokenizer.pad_token = lm.tokenizer.eos_token
-    # What the model was loaded as, on nnsight's own wrapper: a tvlib subclass would change
-    # the model key ("import.path.ClassName:...") NDIF rebuilds a remote model from.
-    lm.preset = preset
-    lm.remote = remote
-    return lm
+    return Model(lm, preset, remote)
 
 
 def _is_local(source: str) -> bool:
@@ -102,7 +132,7 @@ def model_source(preset: str | Preset) -> str:
 
 def model_device(lm) -> torch.device:
     """Where the model's inputs go (the embedding's device); CPU for remote models."""
-    if getattr(lm, "remote", False) is True:
+    if as_model(lm).remote is True:
         return torch.device("cpu")
     return lm._module.get_input_embeddings().weight.device
 
@@ -125,8 +155,8 @@ def context_length(lm) -> int | None:
     # GPT-2's config maps max_position_embeddings to n_positions
     limits = [int(config.max_position_embeddings)] if getattr(
         config, "max_position_embeddings", None) else []
-    preset = getattr(lm, "preset", None)
-    if preset is not None and preset.trained_context:
+    preset = as_model(lm).preset
+    if preset.trained_context:
         limits.append(int(preset.trained_context))
     return min(limits) if limits else None
 
@@ -141,7 +171,7 @@ def trace(lm, inputs: dict[str, torch.Tensor]):
         raise ValueError(
             f"inputs of {width} tokens are longer than the model's context of {limit} "
             "tokens: lower n_shots (or shorten the texts) so that every prompt fits")
-    remote = getattr(lm, "remote", False)
+    remote = as_model(lm).remote
     inputs = to_model(lm, inputs)
     return lm.trace(inputs, remote=remote) if remote else lm.trace(inputs)
 
@@ -152,7 +182,7 @@ def require_local(lm, what: str) -> None:
     The in-process simulation (remote="local") is refused too, so that it shows
     what NDIF would refuse.
     """
-    if getattr(lm, "remote", False):
+    if as_model(lm).remote:
         raise RuntimeError(
             f"{what} optimises through the model with gradients, step after step; remote "
             "traces return saved values, not autograd graphs. Load the model locally "
@@ -244,7 +274,7 @@ def model_identity(lm) -> dict:
     models are read from their cached snapshot. The in-memory fingerprint
     (``fingerprints.weights_fingerprint``) tells an edited model from its files.
     """
-    preset = lm.preset
+    preset = as_model(lm).preset
     source = Path(model_source(preset))
     if not _is_local(str(source)):
         from .hub import cached_snapshot
@@ -252,7 +282,7 @@ def model_identity(lm) -> dict:
         if source is None:
             raise FileNotFoundError(f"the files of {preset.model_id!r} are not in the local hub "
                                     "cache: load the model with load_model first")
-    remote = getattr(lm, "remote", False)
+    remote = lm.remote
     # a remote model's weights are NDIF's, read from the files; a local one's as edited
     weights = "remote" if remote is True else weights_fingerprint(lm._module)
     return {"model_id": preset.model_id, "files": folder_digest(source), "weights": weights,

@@ -66,6 +66,7 @@ TOY_FORMATS = {
     "todd": PromptFormat("toy_todd", "", "Q:{x}\nA:", "{y}", "\n\n"),
 }
 _NAMED = {**FORMATS, "toy_hendel": TOY_FORMATS["hendel"], "toy_todd": TOY_FORMATS["todd"]}
+FORMAT_NAMES = tuple(sorted(_NAMED))       # what a config may name
 
 _LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"   # what str.splitlines() splits on
 
@@ -77,7 +78,7 @@ def get_format(fmt: PromptFormat | str) -> PromptFormat:
     try:
         return _NAMED[fmt]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown prompt format {fmt!r}; choose one of {sorted(_NAMED)}") from None
+        raise ValueError(f"unknown prompt format {fmt!r}; choose one of {list(FORMAT_NAMES)}") from None
 
 
 @dataclass(frozen=True)

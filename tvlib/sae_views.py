@@ -12,14 +12,38 @@ Works with any sae-lens SAE (standard, gated, JumpReLU, TopK): only its
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from numbers import Integral
 
 import torch
 
+from .checks import FLAG, POSITIVE_INT, distinct, validate
 from .saes import check_sae_site
 from .pursuit import PursuitResult, sae_pursuit
 
-ITO_L0 = 40          # ITO's target number of features (the writeup's ITO(40))
+
+
+@dataclass(frozen=True)
+class SAEViewConfig:
+    """Notebook 02's views of the task vector: ITO's number of features (the writeup's
+    ITO(40)) and whether pursuit encodes TV - b_dec instead of TV (the authors did not)."""
+
+    target_l0: int = 40
+    subtract_b_dec: bool = False
+
+    def __post_init__(self):
+        validate(self, target_l0=POSITIVE_INT, subtract_b_dec=FLAG)
+
+
+@dataclass(frozen=True)
+class ITOSweepConfig:
+    """Notebook 03: ITO at several numbers of features, one run each."""
+
+    target_l0s: tuple[int, ...] = (5, 10, 20, 40, 100)
+    subtract_b_dec: bool = False
+
+    def __post_init__(self):
+        validate(self, target_l0s=distinct(POSITIVE_INT), subtract_b_dec=FLAG)
 
 
 def check_features(sae, features) -> list[int]:
@@ -86,7 +110,7 @@ def tv_on_recon(sae, separator_resid: torch.Tensor, layer: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ito(sae, tv: torch.Tensor, layer: int, target_l0: int = ITO_L0, subtract_b_dec: bool = False,
+def ito(sae, tv: torch.Tensor, layer: int, target_l0: int, subtract_b_dec: bool = False,
         step: str = "feasible", selection: str = "inactive") -> tuple[torch.Tensor, PursuitResult]:
     """Gradient-pursuit reconstruction of ``tv`` (d,) or (B, d), read at resid_pre ``layer``,
     with ``target_l0`` features (``step`` and ``selection``: see ``tvlib.pursuit``).

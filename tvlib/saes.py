@@ -12,7 +12,7 @@ import torch
 from .authors_sae import load_authors_sae
 from .fingerprints import folder_digest
 from .hub import download_first_folder, hub_files
-from .models import d_model, default_device
+from .models import as_model, d_model, default_device
 from .presets import PRESETS, Preset, get_preset
 
 
@@ -114,6 +114,7 @@ def model_shelf(lm, saes: SAEShelf | None = None) -> SAEShelf:
     Results are cached under the model's preset: SAEs of another preset would be
     stored as if they were its own.
     """
+    lm = as_model(lm)
     if saes is None:
         return SAEShelf(lm.preset)
     if saes.preset != lm.preset:
@@ -215,8 +216,7 @@ def check_sae_site(sae, lm, layer: int) -> None:
     """
     if lm is not None:
         check_sae_fits(sae, lm)
-        if getattr(lm, "preset", None) is not None:
-            check_sae_model(sae, lm.preset)
+        check_sae_model(sae, as_model(lm).preset)
     check_sae_finite(sae)
     recorded = sae_site(sae)
     if recorded is None:

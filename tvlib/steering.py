@@ -9,21 +9,36 @@ feature and each copy gets its own vector.
 
 from __future__ import annotations
 
-import math
-from numbers import Real
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
 
+from .checks import FINITE, OPTIONAL_INT, POSITIVE_INT, check, validate
 from .interventions import Steering
 from .scoring import score
 from .saes import check_sae_site
 from .prompt_batch import PromptBatch
 from .sae_views import check_features
 
-# The writeup's steering scale for single task features (detector features: 25,
-# ``detectors.DETECTOR_SCALE``), in units of the residual norm the SAE expects.
-TASK_SCALE = 20.0
+
+
+@dataclass(frozen=True)
+class SteeringConfig:
+    """How single features steer (notebook 06): ``scale`` times the feature's unit
+    decoder direction, in units of the residual norm the SAE expects; ``random_seed``: a
+    random unit direction of that seed at the same scale, the matrix's control column
+    (None: no control)."""
+
+    scale: float = 20.0
+    random_seed: int | None = 0
+
+    def __post_init__(self):
+        validate(self, scale=FINITE, random_seed=OPTIONAL_INT)
+
+
+TASK_STEERING = SteeringConfig()                  # the writeup's scale for task features
+DETECTOR_STEERING = SteeringConfig(scale=25.0)    # and for detector features (layer 11)
 
 
 def feature_directions(sae, features) -> torch.Tensor:
@@ -46,7 +61,7 @@ def repeat_batch(batch: PromptBatch, times: int) -> PromptBatch:
 
 
 def steering_grid(lm, batches: dict[str, PromptBatch], layer: int, sae, features,
-                  scale: float = TASK_SCALE, features_per_pass: int = 16,
+                  scale: float, features_per_pass: int = 16,
                   batch_size: int = 256) -> pd.DataFrame:
     """Relative loss change of each (task, feature) when steering with the feature alone.
 
@@ -54,9 +69,8 @@ def steering_grid(lm, batches: dict[str, PromptBatch], layer: int, sae, features
     (loss - base_loss) / base_loss.
     """
     features = _check_grid(lm, batches, layer, sae, features, scale)
-    if isinstance(features_per_pass, bool) or not isinstance(features_per_pass, int) \
-            or features_per_pass < 1:
-        raise ValueError(f"features_per_pass must be a positive int, not {features_per_pass!r}")
+    check("features_per_pass", features_per_pass, POSITIVE_INT,
+          "pass e.g. features_per_pass=16 (lower it if memory runs out)")
     directions = feature_directions(sae, features)                         # (F, d)
     rows = []
     for task, batch in batches.items():
@@ -74,7 +88,7 @@ def steering_grid(lm, batches: dict[str, PromptBatch], layer: int, sae, features
 
 
 def steering_grid_loop(lm, batches: dict[str, PromptBatch], layer: int, sae, features,
-                       scale: float = TASK_SCALE) -> pd.DataFrame:
+                       scale: float) -> pd.DataFrame:
     """The same grid, one forward pass per cell (the reference for tests and benchmarks)."""
     features = _check_grid(lm, batches, layer, sae, features, scale)
     directions = feature_directions(sae, features)
@@ -96,7 +110,6 @@ def _check_grid(lm, batches, layer: int, sae, features, scale: float) -> list[in
         raise ValueError("no features to steer with: pass at least one feature index")
     if not isinstance(batches, dict) or not batches:
         raise ValueError("batches must be a non-empty dict {task name: PromptBatch}")
-    if isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number (the writeup: 20 for task features, "
-                         f"25 for detectors), not {scale!r}")
+    check("scale", scale, FINITE, "pass e.g. scale=20.0 (the writeup: 20 for task features, "
+          "25 for detectors)")
     return features

@@ -5,8 +5,15 @@ Every score table has one row per (task, vector, view, layer) with columns ``nll
 baselines that do not depend on the layer (zero-shot, ICL) have an empty layer. One module per notebook; sweeps over
 layers cache each (task, layer) on its own (``runner.run_per_layer``).
 ``prompt_cfg=None`` means ``prompt_config(lm)``: PromptConfig's defaults with the
-model preset's n_shots.
+model preset's n_shots. Each experiment's settings are one frozen config, validated
+when made (``tvlib.checks``) and part of the cache key; notebooks change fields with
+``configure``.
 """
+
+from ..cleanup import CleanupConfig
+from ..detectors import DETECTOR_CLEANUP
+from ..sae_views import ITOSweepConfig, SAEViewConfig
+from ..steering import DETECTOR_STEERING, TASK_STEERING, SteeringConfig
 
 from .cleanup_sweeps import (MIN_GAIN, cleanup_report, controls_report, controls_summary,
                              earliest_effective_layer, lambda_sweep, run_cleanup_sweep,
@@ -30,7 +37,8 @@ __all__ = [
     "TUNED_TOP_ENCODING", "CONTROL_VIEWS",
     # prompts and settings
     "PromptConfig", "TaskPrompts", "build_task_prompts", "configure", "model_tasks",
-    "prompt_config",
+    "prompt_config", "SAEViewConfig", "ITOSweepConfig", "CleanupConfig", "DETECTOR_CLEANUP",
+    "SteeringConfig", "TASK_STEERING", "DETECTOR_STEERING",
     # 01 task vectors
     "task_vector_sweep", "run_task_vector_sweep", "run_task_vector_variants", "tv_method",
     "summarise_sweep",

@@ -4,13 +4,13 @@ SAE, the lambda sweep, and the reports on them."""
 from __future__ import annotations
 
 from dataclasses import replace
-from numbers import Real
 from typing import TYPE_CHECKING, Iterator
 
 import pandas as pd
 import torch
 
 from ..cache import cached_table
+from ..checks import FRACTION, check, check_config
 from ..fingerprints import digest
 from ..result_keys import result_key
 from ..cleanup import CleanupConfig, cleanup, finished
@@ -110,6 +110,7 @@ def _run_cleaning(experiment: str, layers_of, lm, tasks, layers, prompt_cfg,
                   cfg: CleanupConfig, batch_size: int, refresh: bool,
                   baselines: str) -> dict[str, pd.DataFrame]:
     """Run ``layers_of`` (cleanup_layers or detector_layers) per (task, layer), cached."""
+    check_config("cfg", cfg, CleanupConfig)
     prompt_cfg = prompt_cfg or prompt_config(lm)
     layers = layers_with_sae(lm, layers)
     saes = SAEShelf(lm.preset)              # each layer's SAE loaded once for every task
@@ -153,8 +154,7 @@ def run_controls_sweep(lm, tasks, layers=None, prompt_cfg: PromptConfig | None =
     """
     from ..controls import ControlsConfig, control_rows   # tvlib.controls reads .schema
     controls = ControlsConfig() if controls is None else controls
-    if not isinstance(controls, ControlsConfig):
-        raise ValueError(f"controls must be a ControlsConfig, not {type(controls).__name__}")
+    check_config("controls", controls, ControlsConfig)
     prompt_cfg = prompt_cfg or prompt_config(lm)
     layers = layers_with_sae(lm, layers)
     cleaned = run_cleanup_sweep(lm, tasks, layers, prompt_cfg, cfg, batch_size, refresh)
@@ -254,13 +254,14 @@ def cleanup_report(scores: pd.DataFrame, label: str = TV) -> pd.DataFrame:
 
 
 def earliest_effective_layer(scores: pd.DataFrame, vector: str, view: str, baseline: str,
-                             min_gain: float = MIN_GAIN) -> pd.Series:
+                             min_gain: float | None = None) -> pd.Series:
     """Per task, the first layer where ``vector`` used as ``view`` (e.g. ``TV``,
     ``CLEANED``) lowers the NLL of ``baseline`` (e.g. ``ZERO_SHOT``) by ``min_gain``
-    (relative). Rows are selected by the schema's columns, never by their labels."""
-    if isinstance(min_gain, bool) or not isinstance(min_gain, Real) or not 0 < min_gain < 1:
-        raise ValueError(f"min_gain={min_gain!r}: pass the relative NLL decrease that counts as "
-                         f"working, a fraction in (0, 1) (e.g. {MIN_GAIN} for 20%)")
+    (relative; None: ``MIN_GAIN``). Rows are selected by the schema's columns, never by
+    their labels."""
+    min_gain = MIN_GAIN if min_gain is None else check(
+        "min_gain", min_gain, FRACTION, "pass the relative NLL decrease that counts as "
+        f"working, e.g. min_gain={MIN_GAIN} for 20% (or None)")
     steered_rows = scores[(scores.vector == vector) & (scores.view == view)]
     base_rows = scores[scores.view == baseline]
     if not len(steered_rows):

@@ -7,10 +7,11 @@ import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..checks import INT, POSITIVE_INT, Rule, check, one_of, validate
 from ..detectors import detector_prompts
-from ..models import check_layers
+from ..models import as_model, check_layers
 from ..prompt_batch import PromptBatch, tokenize_prompts
-from ..prompts import few_shot_prompts, get_format, zero_shot_prompts
+from ..prompts import FORMAT_NAMES, few_shot_prompts, zero_shot_prompts
 from ..tasks import Task, TaskDataError, load_task
 
 
@@ -27,20 +28,13 @@ class PromptConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("n_prompts", "n_shots", "n_eval", "n_train", "n_first"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"PromptConfig.{name} must be a positive int, not {value!r}"
-                                 + (" (a task vector needs demonstrations; zero-shot prompts "
-                                    "are built separately)" if name == "n_shots" else ""))
-        if not isinstance(self.fmt, str):
-            raise ValueError(f"PromptConfig.fmt must be a format name, not {self.fmt!r}")
-        try:
-            get_format(self.fmt)
-        except ValueError as err:       # names the known formats
-            raise ValueError(f"PromptConfig.fmt: {err}") from None
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"PromptConfig.seed must be an int, not {self.seed!r}")
+        validate(self, n_prompts=POSITIVE_INT, n_eval=POSITIVE_INT, n_train=POSITIVE_INT,
+                 n_first=POSITIVE_INT, fmt=one_of(FORMAT_NAMES), seed=INT)
+        # zero-shot prompts are built apart: a task vector needs demonstrations
+        check("PromptConfig.n_shots", self.n_shots,
+              Rule(POSITIVE_INT.holds, POSITIVE_INT.text + " (a task vector needs "
+                   "demonstrations; zero-shot prompts are built separately)"),
+              "pass e.g. n_shots=8")
 
 
 def configure(default, **settings):
@@ -51,7 +45,7 @@ def configure(default, **settings):
 
 def prompt_config(lm, **settings) -> PromptConfig:
     """``PromptConfig`` with the model preset's defaults (its n_shots) and ``settings``."""
-    return configure(PromptConfig(n_shots=lm.preset.n_shots), **settings)
+    return configure(PromptConfig(n_shots=as_model(lm).preset.n_shots), **settings)
 
 
 @dataclass
@@ -77,13 +71,13 @@ def model_tasks(lm, tasks) -> dict[str, Task]:
     for task in tasks:
         if task.name in by_name:
             raise TaskDataError(f"task {task.name!r} is given twice: list each task once")
-        by_name[task.name] = task.head(lm.preset.max_pairs_per_task)
+        by_name[task.name] = task.head(as_model(lm).preset.max_pairs_per_task)
     return by_name
 
 
 def layers_with_sae(lm, layers) -> list[int]:
     """``layers`` checked to have an SAE; None: every resid_pre layer with one."""
-    available = list(lm.preset.resid_pre_layers_with_sae())
+    available = list(as_model(lm).preset.resid_pre_layers_with_sae())
     if layers is None:
         return available
     layers = check_layers(lm, layers)

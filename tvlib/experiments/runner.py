@@ -106,15 +106,6 @@ def cleanup_settings(cfg: CleanupConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k != "progress"}
 
 
-def positive_ints(name: str, values) -> list[int]:
-    values = list(values) if hasattr(values, "__iter__") and not isinstance(values, str) \
-        else None
-    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1
-                         for v in values):
-        raise ValueError(f"{name} must be a non-empty list of positive ints, e.g. [5, 10, 20]")
-    return values
-
-
 def baseline_table(lm, prompts: TaskPrompts, batch_size: int = 32,
                    detector: bool = False) -> pd.DataFrame:
     """The rows that do not depend on a layer: zero-shot (or, for detectors, the one-shot

@@ -7,32 +7,34 @@ from typing import Iterator
 
 import pandas as pd
 
+from ..checks import check_config
 from ..interventions import Steering, collect_residuals
 from ..scoring import score
 from ..models import check_layers
 from ..saes import SAEShelf, check_sae_site, load_sae, model_shelf
 from ..prompt_batch import PromptBatch
-from ..sae_views import ITO_L0, decode, encode, ito, recon_of_tv, tv_on_recon
+from ..sae_views import (ITOSweepConfig, SAEViewConfig, decode, encode, ito, recon_of_tv,
+                         tv_on_recon)
 from ..taskvec import position_mean, task_vectors
 from .prompt_setup import (PromptConfig, TaskPrompts, build_task_prompts, layers_with_sae,
                            model_tasks, prompt_config)
-from .runner import positive_ints, run_per_layer, run_per_task
+from .runner import run_per_layer, run_per_task
 from .schema import ITO, ON_RECON, RAW, RECON, TV, score_row
 
 
 def run_sae_view_sweep(lm, tasks, layers=None, prompt_cfg: PromptConfig | None = None,
-                       target_l0: int = ITO_L0, subtract_b_dec: bool = False,
-                       batch_size: int = 32, refresh: bool = False) -> pd.DataFrame:
+                       view_cfg: SAEViewConfig = SAEViewConfig(), batch_size: int = 32,
+                       refresh: bool = False) -> pd.DataFrame:
     """TV, Recon of TV, TV on recon and ITO (``sae_view_layers``) with the zero-shot
     baselines for each task at every layer with an SAE (default), each (task, layer)
     cached."""
     layers = layers_with_sae(lm, layers)
+    view_cfg = check_config("view_cfg", view_cfg, SAEViewConfig)
     saes = SAEShelf(lm.preset)              # each layer's SAE loaded once for every task
     return run_per_layer("sae_view_sweep", lm, tasks, layers, prompt_cfg or prompt_config(lm),
-                         {"target_l0": target_l0, "subtract_b_dec": subtract_b_dec},
-                         lambda p, ls: sae_view_layers(lm, p, ls, target_l0, subtract_b_dec,
-                                                       batch_size, saes), refresh,
-                         batch_size=batch_size)
+                         {"views": view_cfg},
+                         lambda p, ls: sae_view_layers(lm, p, ls, view_cfg, batch_size, saes),
+                         refresh, batch_size=batch_size)
 
 
 def separator_residuals(lm, few_shot: PromptBatch, layers, batch_size: int = 32):
@@ -41,8 +43,8 @@ def separator_residuals(lm, few_shot: PromptBatch, layers, batch_size: int = 32)
                              batch_size)
 
 
-def sae_view_layers(lm, prompts: TaskPrompts, layers, target_l0: int = ITO_L0,
-                    subtract_b_dec: bool = False, batch_size: int = 32,
+def sae_view_layers(lm, prompts: TaskPrompts, layers, view_cfg: SAEViewConfig = SAEViewConfig(),
+                    batch_size: int = 32,
                     saes: SAEShelf | None = None) -> Iterator[tuple[int, pd.DataFrame]]:
     """TV, Recon of TV, TV on recon and ITO at each layer, scored: yields (layer, rows)
     as each layer finishes.
@@ -57,15 +59,16 @@ def sae_view_layers(lm, prompts: TaskPrompts, layers, target_l0: int = ITO_L0,
         check_sae_site(sae, lm, layer)
         views = [(RAW, None, tv), (RECON, None, recon_of_tv(sae, tv, layer)),
                  (ON_RECON, None, tv_on_recon(sae, layer_resid, layer)),
-                 (ITO, target_l0, ito(sae, tv, layer, target_l0, subtract_b_dec)[0])]
+                 (ITO, view_cfg.target_l0,
+                  ito(sae, tv, layer, view_cfg.target_l0, view_cfg.subtract_b_dec)[0])]
         yield layer, pd.DataFrame([
             score_row(name, TV, view, layer, score(lm, prompts.zero_shot,
                                                    Steering(layer, vector), batch_size), k=k)
             for view, k, vector in views])
 
 
-def ito_sweep(lm, prompts: TaskPrompts, sae, layer: int, target_l0s, subtract_b_dec=False,
-              batch_size: int = 32) -> pd.DataFrame:
+def ito_sweep(lm, prompts: TaskPrompts, sae, layer: int,
+              sweep_cfg: ITOSweepConfig = ITOSweepConfig(), batch_size: int = 32) -> pd.DataFrame:
     """Loss and active features of ITO for several target L0 at one layer (notebook 03).
 
     Rows: TV, Recon of TV (its L0 is the SAE encoding's) and ITO per target L0.
@@ -75,8 +78,8 @@ def ito_sweep(lm, prompts: TaskPrompts, sae, layer: int, target_l0s, subtract_b_
     tv = task_vectors(lm, prompts.few_shot, [layer], batch_size=batch_size)[0]
     code = encode(sae, tv)
     views = [(RAW, None, None, tv), (RECON, None, int((code > 0).sum()), decode(sae, code))]
-    for k in target_l0s:
-        vector, result = ito(sae, tv, layer, k, subtract_b_dec)
+    for k in sweep_cfg.target_l0s:
+        vector, result = ito(sae, tv, layer, k, sweep_cfg.subtract_b_dec)
         views.append((ITO, k, int((result.weights > 0).sum()), vector))
     rows = []
     for view, k, l0, vector in views:
@@ -85,17 +88,17 @@ def ito_sweep(lm, prompts: TaskPrompts, sae, layer: int, target_l0s, subtract_b_
     return pd.DataFrame(rows)
 
 
-def run_ito_sweep(lm, tasks, layer: int, target_l0s, prompt_cfg: PromptConfig | None = None,
-                  subtract_b_dec: bool = False, batch_size: int = 32,
+def run_ito_sweep(lm, tasks, layer: int, prompt_cfg: PromptConfig | None = None,
+                  sweep_cfg: ITOSweepConfig = ITOSweepConfig(), batch_size: int = 32,
                   refresh: bool = False) -> pd.DataFrame:
     """``ito_sweep`` for each task at ``layer``, cached."""
     check_layers(lm, [layer])
-    target_l0s = positive_ints("target_l0s", target_l0s)
+    sweep_cfg = check_config("sweep_cfg", sweep_cfg, ITOSweepConfig)
     sae = load_sae(lm.preset, layer)
-    settings = {"layer": layer, "target_l0s": target_l0s, "subtract_b_dec": subtract_b_dec}
+    settings = {"layer": layer, "ito": sweep_cfg}
     return run_per_task("ito_sweep", lm, tasks, prompt_cfg or prompt_config(lm), settings,
-                        lambda p: ito_sweep(lm, p, sae, layer, target_l0s, subtract_b_dec,
-                                            batch_size), refresh, sae_layers=[layer])
+                        lambda p: ito_sweep(lm, p, sae, layer, sweep_cfg, batch_size),
+                        refresh, sae_layers=[layer])
 
 
 def first_pursuit_features(lm, tasks, sae, layer: int, n_features: int, density,

@@ -5,49 +5,47 @@ from __future__ import annotations
 import pandas as pd
 
 from ..cache import cached_table
+from ..checks import check_config
 from ..fingerprints import digest
 from ..result_keys import result_key
 from ..models import check_layers
 from ..saes import load_sae
-from ..detectors import DETECTOR_SCALE
-from ..steering import TASK_SCALE, steering_grid
+from ..steering import DETECTOR_STEERING, TASK_STEERING, SteeringConfig, steering_grid
 from .prompt_setup import PromptConfig, build_task_prompts, model_tasks, prompt_config
 
 
 def run_steering_matrix(lm, tasks, layer: int, features_by_task: dict[str, list],
-                        prompt_cfg: PromptConfig | None = None, scale: float | None = None,
-                        detectors: bool = False, random_seed: int | None = None,
+                        prompt_cfg: PromptConfig | None = None,
+                        steering: SteeringConfig | None = None, detectors: bool = False,
                         refresh: bool = False) -> pd.DataFrame:
     """Relative loss change for every (task, feature), steering with one feature at a time.
 
     Task features are added at the separator of zero-shot prompts; with
     ``detectors`` at ``Y`` of one-shot detector prompts. ``feature_task`` names the
     task(s) whose cleaned vector the feature came from, joined by "+" when a
-    feature was kept for several tasks. ``scale`` None: the writeup's (``TASK_SCALE``,
-    or ``DETECTOR_SCALE`` with ``detectors``). ``random_seed``: also a random unit
-    direction of that seed at the same scale, a control column after the features
-    (``controls.random_direction_grid``: ``feature`` empty, ``feature_task`` "random",
-    column ``seed``); None: none.
+    feature was kept for several tasks. ``steering`` None: the writeup's
+    (``TASK_STEERING``, or ``DETECTOR_STEERING`` with ``detectors``). Its
+    ``random_seed``: also a random unit direction of that seed at the same scale, a
+    control column after the features (``controls.random_direction_grid``: ``feature``
+    empty, ``feature_task`` "random", column ``seed``); None: none.
     """
     prompt_cfg = prompt_cfg or prompt_config(lm)
-    if scale is None:
-        scale = DETECTOR_SCALE if detectors else TASK_SCALE
+    if steering is None:
+        steering = DETECTOR_STEERING if detectors else TASK_STEERING
+    check_config("steering", steering, SteeringConfig)
+    scale, random_seed = steering.scale, steering.random_seed
     check_layers(lm, [layer])
     loaded = model_tasks(lm, tasks)
     if not isinstance(features_by_task, dict):
         raise ValueError("features_by_task must be a dict {task: [features]}, e.g. the output "
                          f"of top_cleaned_features, not {type(features_by_task).__name__}")
-    if random_seed is not None and (isinstance(random_seed, bool)
-                                    or not isinstance(random_seed, int)):
-        raise ValueError(f"random_seed must be an int (the random direction's seed) or None, "
-                         f"not {random_seed!r}")
     features_by_task = {task: list(fs) for task, fs in features_by_task.items()}
     features = list(dict.fromkeys(f for fs in features_by_task.values() for f in fs))
     origin = {f: "+".join(t for t, fs in features_by_task.items() if f in fs) for f in features}
     key = result_key("steering_matrix", lm, [layer], tasks={n: digest(t) for n, t in
                                                             loaded.items()},
-                     layer=layer, features_by_task=features_by_task, scale=scale,
-                     detectors=detectors, random_seed=random_seed, prompts=prompt_cfg)
+                     layer=layer, features_by_task=features_by_task, steering=steering,
+                     detectors=detectors, prompts=prompt_cfg)
 
     def compute():
         from ..controls import random_direction_grid   # tvlib.controls reads .schema
