@@ -63,11 +63,9 @@ class ControlsConfig:
         validate(self, scales=distinct(NON_NEGATIVE), random_seeds=distinct(INT),
                  rules=distinct(one_of(RULES), allow_empty=True),
                  tune_steps=OPTIONAL_POSITIVE_INT)
-        if 1 not in self.scales or not any(s < 1 for s in self.scales):
-            check("ControlsConfig.scales", self.scales, Rule(
-                lambda _: False, "must include 1 (the TV itself) and a value below 1 (a "
-                "cleaned vector may work by being shorter)"),
-                "pass e.g. scales=[0, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4]")
+        validate(self, scales=Rule(lambda s: 1 in s and any(x < 1 for x in s),
+                                   "must include 1 (the TV itself) and a value below 1 (a "
+                                   "cleaned vector may work by being shorter)"))
 
 
 # ---------------------------------------------------------------- checks
