@@ -256,3 +256,65 @@ def plot_steering_matrix(grid: pd.DataFrame, clip: float = 1.0, title: str = "")
             ax.set_title(title)
         fig.tight_layout()
     return fig
+
+
+def plot_feature_circuits(nodes: pd.DataFrame, exact: pd.DataFrame, faithfulness: pd.DataFrame,
+                          title: str = ""):
+    """Notebook 07's figure: (a) node effects estimated against exact ablation, (b) the
+    faithfulness and completeness curves per task, (c) where the latents' effects sit:
+    the |effect| of the table's latents summed by layer and position group, each layer's
+    row normalised."""
+    from .prompt_batch import TOKEN_GROUPS
+
+    with styled():
+        fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.8))
+        ax = axes[0]
+        for column, label, marker in (("effect", "attribution patching", "o"),
+                                      ("effect_ig", "integrated gradients", "^")):
+            if exact[column].notna().any():
+                ax.scatter(exact.exact, exact[column], s=12, marker=marker, alpha=0.7,
+                           label=label)
+        low = float(np.nanmin(exact[["exact", "effect", "effect_ig"]].to_numpy()))
+        high = float(np.nanmax(exact[["exact", "effect", "effect_ig"]].to_numpy()))
+        ax.plot([low, high], [low, high], color="0.5", linestyle=":", label="y = x")
+        ax.set_xlabel("exact effect (node ablated)")
+        ax.set_ylabel("estimated effect")
+        ax.set_title("(a) top nodes: estimate vs exact")
+        ax.legend(fontsize=7, loc="upper left")
+
+        ax = axes[1]
+        for i, (task, rows) in enumerate(faithfulness.groupby("task", sort=False)):
+            rows = rows[rows.n_nodes > 0]
+            color = f"C{i % 10}"
+            ax.plot(rows.n_nodes, rows.faithfulness, color=color, marker="o", markersize=3,
+                    label=task)
+            ax.plot(rows.n_nodes, rows.completeness, color=color, linestyle="--",
+                    marker="x", markersize=3)
+        ax.set_xscale("log")
+        ax.set_xlabel("top nodes n")
+        ax.set_ylabel("fraction of the loss gap recovered")
+        ax.set_title("(b) keep top n (solid), ablate top n (dashed)")
+        ax.legend(fontsize=6, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+
+        ax = axes[2]
+        latents = nodes[nodes.kind == "latent"]
+        table = latents.assign(size=latents.effect.abs()).pivot_table(
+            index="layer", columns="group", values="size", aggfunc="sum", fill_value=0.0)
+        # groups where no latent of the table has an effect (e.g. template text) are left out
+        table = table.reindex(columns=[g for g in TOKEN_GROUPS if g in table.columns
+                                       and table[g].sum() > 0])
+        shares = table.div(table.sum(axis=1).replace(0, np.nan), axis=0)
+        image = ax.imshow(shares.values, cmap="Blues", vmin=0, vmax=1, aspect="auto")
+        for (row, col), value in np.ndenumerate(shares.values):
+            if np.isfinite(value):
+                ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if value > 0.6 else "black")
+        ax.set_xticks(range(len(shares.columns)), shares.columns, rotation=45, ha="right")
+        ax.set_yticks(range(len(shares.index)), [f"layer {i}" for i in shares.index])
+        ax.set_title("(c) share of latents' |effect| by position")
+        ax.grid(False)
+        fig.colorbar(image, ax=ax, fraction=0.046)
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+    return fig

@@ -4,7 +4,9 @@ Tokenisation maps the character spans recorded when a prompt is rendered to
 token indices through the tokenizer's offset mapping (never by searching
 strings), and the batch is left-padded with positions shifted accordingly. It
 refuses what would be scored wrongly: unknown tokens, a lone space scored as the
-answer, scored tokens that are not the answer's text.
+answer, scored tokens that are not the answer's text. Every token is also given its role in
+the prompt (``TOKEN_GROUPS``: instruction, input, separator, output, newline, ...), the
+position groups that circuits sum attributions over.
 """
 
 from __future__ import annotations
@@ -17,6 +19,13 @@ import torch
 
 from .prompts import Prompt, check_count, task_label
 from .tasks import TaskDataError
+
+# What each token of a prompt is (``PromptBatch.token_groups``), by the text it covers:
+# the instruction before the first pair, a pair's input, the separator (the query's last
+# token, "->"), a pair's output, the joiner between pairs (newlines), other template text
+# (e.g. Todd's "A" before ":"), and special tokens without text (BOS). Padding is -1.
+TOKEN_GROUPS = ("instruction", "input", "separator", "output", "newline", "template",
+                "special")
 
 
 @dataclass
@@ -33,6 +42,9 @@ class PromptBatch:
     answer_end_pos: torch.Tensor   # (B, D) last token of each demonstration's answer
     steer_pos: torch.Tensor        # (B,) the token steered
     target_pos: torch.Tensor       # (B, n_first) answer tokens scored; logits come from pos - 1
+    answer_pos: torch.Tensor       # (B, A, n_first) first tokens of every answer in the text,
+                                   # demonstrations then the query (its row equals target_pos)
+    token_groups: torch.Tensor     # (B, T) index into TOKEN_GROUPS, -1 for padding
     prompts: list[Prompt] = field(repr=False)
 
     def __len__(self) -> int:
@@ -69,7 +81,7 @@ class PromptBatch:
 
 
 _TENSOR_FIELDS = ("input_ids", "attention_mask", "position_ids", "separator_pos",
-                  "answer_end_pos", "steer_pos", "target_pos")
+                  "answer_end_pos", "steer_pos", "target_pos", "answer_pos", "token_groups")
 
 
 def _token_ending_at(offsets: list[tuple[int, int]], span: tuple[int, int], text: str) -> int:
@@ -123,14 +135,15 @@ def _check_known(tokenizer, prompt: Prompt, ids: list[int], offsets) -> None:
 
 
 def _scored_tokens(tokenizer, prompt: Prompt, ids, offsets, separator: int,
-                   n_first: int) -> list[int]:
-    """The first ``n_first`` answer tokens, checked to be the answer's own text."""
-    span = prompt.answers[-1]
-    answer, pair = prompt.text[span[0]:span[1]], prompt.pairs[-1]
+                   n_first: int, index: int = -1) -> list[int]:
+    """The first ``n_first`` tokens of answer ``index`` (default the query's), checked to
+    be the answer's own text."""
+    span = prompt.answers[index]
+    answer, pair = prompt.text[span[0]:span[1]], prompt.pairs[index]
     tokens = _tokens_in(offsets, span)
     if not tokens or tokens[0] <= separator:
         raise TaskDataError(
-            f"{task_label(prompt.task)}: the answer {prompt.target!r} does not start after the "
+            f"{task_label(prompt.task)}: the answer {pair[1]!r} does not start after the "
             f"separator in {prompt.text!r}: the tokenizer merges them; use a format whose "
             "answer starts with a space (e.g. 'authors')")
     scored = tokens[:n_first]
@@ -153,6 +166,27 @@ def _scored_tokens(tokenizer, prompt: Prompt, ids, offsets, separator: int,
             f"not the start of the answer {answer!r}; the tokenizer changes this text: drop "
             "the pair or use a model whose tokenizer keeps it")
     return scored
+
+
+def _token_groups(prompt: Prompt, offsets, separators: list[int]) -> list[int]:
+    """Each token's index into ``TOKEN_GROUPS``, from the text it covers."""
+    group = TOKEN_GROUPS.index
+    first_input = prompt.inputs[0][0]
+    spans = [(s, "input") for s in prompt.inputs] + [(s, "output") for s in prompt.answers]
+    out = []
+    for i, (start, end) in enumerate(offsets):
+        if end <= start:
+            out.append(group("special"))
+        elif i in separators:
+            out.append(group("separator"))
+        elif start < first_input:
+            out.append(group("instruction"))
+        else:
+            inside = [name for (a, b), name in spans if start < b and end > a]
+            text = prompt.text[start:end]
+            out.append(group(inside[0]) if inside else
+                       group("newline") if not text.strip() else group("template"))
+    return out
 
 
 def _encode(tokenizer, prompts: Sequence[Prompt]) -> list[tuple[list[int], list]]:
@@ -198,6 +232,9 @@ def tokenize_prompts(tokenizer, prompts: Sequence[Prompt], n_first: int = 2) -> 
     answer_end_pos = torch.full((B, n_demo), -1, dtype=torch.long)
     steer_pos = torch.empty(B, dtype=torch.long)
     target_pos = torch.full((B, n_first), -1, dtype=torch.long)
+    answer_pos = torch.full((B, max(len(p.answers) for p in prompts), n_first), -1,
+                            dtype=torch.long)
+    token_groups = torch.full((B, width), -1, dtype=torch.long)
 
     for row, (prompt, (ids, offsets)) in enumerate(zip(prompts, rows)):
         _check_known(tokenizer, prompt, ids, offsets)
@@ -210,10 +247,14 @@ def tokenize_prompts(tokenizer, prompts: Sequence[Prompt], n_first: int = 2) -> 
         if ends:
             answer_end_pos[row, :len(ends)] = torch.tensor(ends) + pad
         steer_pos[row] = _token_ending_at(offsets, prompt.steer, prompt.text) + pad
+        token_groups[row, pad:] = torch.tensor(_token_groups(prompt, offsets, seps))
+        for i in range(len(prompt.answers)):
+            tokens = _scored_tokens(tokenizer, prompt, ids, offsets, seps[i], n_first, i)
+            answer_pos[row, i, :len(tokens)] = torch.tensor(tokens) + pad
         if len(prompt.answers) > prompt.n_demos:   # the query's answer is in the text
-            scored = _scored_tokens(tokenizer, prompt, ids, offsets, seps[-1], n_first)
-            target_pos[row, :len(scored)] = torch.tensor(scored) + pad
+            target_pos[row] = answer_pos[row, len(prompt.answers) - 1]
 
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     return PromptBatch(input_ids, attention_mask, position_ids, separator_pos,
-                       answer_end_pos, steer_pos, target_pos, list(prompts))
+                       answer_end_pos, steer_pos, target_pos, answer_pos, token_groups,
+                       list(prompts))

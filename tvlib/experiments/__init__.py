@@ -18,6 +18,7 @@ from ..steering import DETECTOR_STEERING, TASK_STEERING, SteeringConfig
 from .cleanup_sweeps import (MIN_GAIN, cleanup_report, controls_report, controls_summary,
                              earliest_effective_layer, lambda_sweep, run_cleanup_sweep,
                              run_controls_sweep, run_detector_sweep, top_cleaned_features)
+from .circuit_sweeps import attribution_agreement, run_circuit_sweep
 from .prompt_setup import (PromptConfig, TaskPrompts, build_task_prompts, configure,
                            model_tasks, prompt_config)
 from .sae_view_sweeps import first_pursuit_features, run_ito_sweep, run_sae_view_sweep
@@ -50,4 +51,6 @@ __all__ = [
     "controls_report", "controls_summary",
     # 06 steering matrix
     "run_steering_matrix", "own_feature_wins", "own_vs_random",
+    # 07 feature circuits
+    "run_circuit_sweep", "attribution_agreement",
 ]
