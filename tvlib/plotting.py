@@ -318,3 +318,51 @@ def plot_feature_circuits(nodes: pd.DataFrame, exact: pd.DataFrame, faithfulness
             fig.suptitle(title)
         fig.tight_layout()
     return fig
+
+
+def plot_further_experiments(early: pd.DataFrame, sentences: pd.DataFrame | None,
+                             title: str = "", note: str = ""):
+    """Notebook 08's figure: the early-layer read-back against the task-layer TV's encoding,
+    (a) top-k overlap and (b) the weight share of the task features, per task and read;
+    (c) sentence translation NLL per target token by condition (``note`` in its place
+    when no sentence result exists, e.g. a vocabulary that lacks the words)."""
+    with styled():
+        fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.6))
+        reads = list(dict.fromkeys(early.read))
+        tasks = list(dict.fromkeys(early.task))
+        width = 0.8 / len(reads)
+        for ax, column, label in ((axes[0], "top_k_overlap", "top-k overlap with the TV"),
+                                  (axes[1], "task_weight_share",
+                                   "weight share of task features")):
+            for i, read in enumerate(reads):
+                rows = early[early.read == read].set_index("task").reindex(tasks)
+                ax.bar(np.arange(len(tasks)) + i * width, rows[column], width, label=read)
+            ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks, rotation=20,
+                          ha="right")
+            ax.set_ylabel(label)
+        axes[0].set_title(f"(a) read at layer {int(early.task_layer.iloc[0])}, "
+                          f"vector added at {int(early.early_layer.iloc[0])}")
+        axes[1].set_title("(b) task features' share of the weight")
+        axes[1].legend(fontsize=7)
+        ax = axes[2]
+        if sentences is None or sentences.empty:
+            ax.text(0.5, 0.5, note or "no sentence results", ha="center", va="center",
+                    wrap=True, fontsize=8, transform=ax.transAxes)
+            ax.set_axis_off()
+        else:
+            conditions = list(dict.fromkeys(sentences.condition))
+            names = list(dict.fromkeys(sentences.task))
+            width = 0.8 / len(conditions)
+            for i, condition in enumerate(conditions):
+                rows = sentences[sentences.condition == condition].set_index("task").reindex(names)
+                ax.bar(np.arange(len(names)) + i * width, rows.nll_per_token, width,
+                       label=condition)
+            ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2,
+                          [f"{n} sentences" for n in names])
+            ax.set_ylabel("NLL per target token")
+            ax.legend(fontsize=7, loc="lower left", framealpha=0.9)
+        ax.set_title("(c) word-level TV on sentence translation")
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+    return fig
