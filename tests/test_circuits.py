@@ -99,7 +99,7 @@ def test_attribution_is_exact_on_a_linear_loss(toy_lm, batch):
     saes = {layer: load_sae("toy", layer, "cpu")}
     direction = torch.randn(128, generator=torch.Generator().manual_seed(0))
     loss = _linear_loss(layer, direction)
-    baselines = C.group_baselines(toy_lm, batch, saes, "mean", 4, loss)
+    baselines = C.group_baselines(toy_lm, batch, saes, "mean", 4)
     effects = C.attribute(toy_lm, batch, saes, baselines, 4, loss)
     latent, error = effects[layer]
     n_latents = {layer: saes[layer].cfg.d_sae}
@@ -242,3 +242,27 @@ def test_special_tokens_hold_no_nodes(toy_lm, batch, saes):
     effects = C.attribute(toy_lm, batch, saes, baselines, 6)
     g = TOKEN_GROUPS.index("special")
     assert all((f[g] == 0).all() and e[g] == 0 for f, e in effects.values())
+
+
+def test_chunking_does_not_change_results(toy_lm):
+    """Means and effects over all prompts, whatever the chunks: prompts whose scored
+    tokens end at different positions (answers of one and two tokens, n_first=1) run
+    one by one or together."""
+    task = model_tasks(toy_lm, ["location_country"])["location_country"]
+    cfg = prompt_config(toy_lm, n_prompts=8, n_shots=3, n_first=1)
+    batch = build_task_prompts(toy_lm.tokenizer, task, cfg).few_shot
+    assert (batch.answer_pos[:, -1, 0] < batch.input_ids.shape[1] - 1).any()   # cut somewhere
+    saes = {layer: load_sae("toy", layer, "cpu") for layer in (2, 4)}
+    whole = C.group_baselines(toy_lm, batch, saes, "mean", len(batch))
+    single = C.group_baselines(toy_lm, batch, saes, "mean", 1)
+    for layer in saes:
+        torch.testing.assert_close(single.latents[layer], whole.latents[layer])
+        torch.testing.assert_close(single.errors[layer], whole.errors[layer])
+    effects = {bs: C.attribute(toy_lm, batch, saes, whole, bs) for bs in (1, len(batch))}
+    for layer in saes:
+        for a, b in zip(effects[1][layer], effects[len(batch)][layer]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    n_latents = {layer: sae.cfg.d_sae for layer, sae in saes.items()}
+    none = C.keep_all(saes, n_latents, False)
+    assert C.ablated_loss(toy_lm, batch, saes, whole, none, 1) == pytest.approx(
+        C.ablated_loss(toy_lm, batch, saes, whole, none, len(batch)), rel=1e-5)

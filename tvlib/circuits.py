@@ -217,7 +217,8 @@ class Baselines:
                          {k: torch.zeros_like(v) for k, v in self.errors.items()})
 
     def at(self, layer: int, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The baselines laid out on a batch: (B, T, n) and (B, T, d); padding gets 0."""
+        """The baselines laid out on a batch: (B, T, n) and (B, T, d); tokens without a
+        node (group -1) get group 0's, which every caller leaves unused."""
         index = groups.clamp(min=0)
         return self.latents[layer][index], self.errors[layer][index]
 
@@ -232,15 +233,22 @@ def _group_sums(values: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
 
 
 def group_baselines(lm, batch: PromptBatch, saes: dict, baseline: str,
-                    batch_size: int, loss: Loss = icl_loss) -> Baselines:
-    """Each group's mean latents and error over ``batch``'s tokens ("mean"), or zeros."""
+                    batch_size: int) -> Baselines:
+    """Each group's mean latents and error over every token of ``batch`` ("mean"), or
+    zeros. The prompts run whole (not cut after the last scored token, as the loss is),
+    so the means do not depend on how the batch is chunked."""
     if baseline not in BASELINES:
         raise ValueError(f"baseline={baseline!r}: choose one of {BASELINES}")
+    body = submodule(lm._module, architecture(lm).body)   # the blocks; no unembedding
+    limit = context_length(lm)
+    if limit is not None and batch.input_ids.shape[1] > limit:
+        raise ValueError(f"prompts of {batch.input_ids.shape[1]} tokens are longer than the "
+                         f"model's context of {limit} tokens: lower n_shots")
     sums = {layer: [0, 0, 0] for layer in saes}     # latents, errors, tokens per group
     with torch.no_grad():
         for chunk in batch.chunks(batch_size):
             with Splice(lm, saes) as splice:
-                loss(lm, chunk, len(batch))
+                body(**to_model(lm, chunk.model_inputs()))
             for layer in saes:
                 groups = _batch_view(chunk, splice, layer)
                 f, e = splice.latents[layer], splice.errors[layer]
@@ -313,8 +321,9 @@ def _interpolate(layer: int, alpha: float, baselines: Baselines, groups: torch.T
             return f, e
         g = groups[:, :f.shape[1]]
         base_f, base_e = baselines.at(layer, g)
-        scale = torch.where(g >= 0, alpha, 1.0).to(device=f.device, dtype=f.dtype)[..., None]
-        return base_f + scale * (f - base_f), base_e + scale * (e - base_e)
+        node = (g >= 0).to(f.device)[..., None]
+        return (torch.where(node, base_f + alpha * (f - base_f), f),
+                torch.where(node, base_e + alpha * (e - base_e), e))
     return edit
 
 
@@ -375,10 +384,10 @@ def _ablating(keep: dict[int, tuple[torch.Tensor, torch.Tensor]], baselines: Bas
         g = groups[:, :f.shape[1]]
         base_f, base_e = baselines.at(layer, g)
         keep_f, keep_e = keep[layer]
-        index, pad = g.clamp(min=0), (g < 0).to(f.device)
-        mask_f = (keep_f.to(f.device)[index] | pad[..., None]).to(f.dtype)     # (B, T, n)
-        mask_e = (keep_e.to(f.device)[index] | pad).to(f.dtype)[..., None]     # (B, T, 1)
-        return base_f + mask_f * (f - base_f), base_e + mask_e * (e - base_e)
+        index, none = g.clamp(min=0), (g < 0).to(f.device)
+        keep_f = keep_f.to(f.device)[index] | none[..., None]                  # (B, T, n)
+        keep_e = (keep_e.to(f.device)[index] | none)[..., None]                # (B, T, 1)
+        return torch.where(keep_f, f, base_f), torch.where(keep_e, e, base_e)
     return edit
 
 

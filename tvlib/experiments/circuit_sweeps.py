@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pandas as pd
 
 from ..checks import check_config
@@ -59,6 +60,7 @@ def attribution_agreement(exact: pd.DataFrame) -> pd.DataFrame:
         error = (pairs[column] - pairs.exact).abs()
         rows.append({"estimator": name, "n_nodes": len(pairs),
                      "correlation": pairs[column].corr(pairs.exact),
-                     "sign_agrees": float(((pairs[column] > 0) == (pairs.exact > 0)).mean()),
+                     "sign_agrees": float((np.sign(pairs[column]) == np.sign(pairs.exact))
+                                          .mean()),
                      "worst_error": float(error.max())})
     return pd.DataFrame(rows)
