@@ -89,3 +89,13 @@ def test_compare_encodings_and_rebuilt_weights():
     assert cleaned_weights(table, "a", 3, 6).tolist() == [0, 0.5, 0, 0, 0, 0]
     with pytest.raises(ValueError, match="no cleanup of task 'a' at layer 2"):
         cleaned_weights(table, "a", 2, 6)
+
+
+def test_the_early_layer_is_chosen_by_measurement():
+    from tvlib.experiments.further_experiments import early_layer_from
+    # the earliest layer where it works for every task: the latest of the tasks' earliest
+    assert early_layer_from(pd.Series({"a": 6, "b": 9}), [6, 9, 11]) == 9
+    # a task where it never works: the last layer with an SAE before the task layer
+    assert early_layer_from(pd.Series({"a": 6, "b": None}), [6, 9, 11]) == 11
+    with pytest.raises(ValueError, match="no layer with an SAE before the task layer"):
+        early_layer_from(pd.Series({"a": 6}), [])

@@ -34,6 +34,7 @@ def _is_real(value) -> bool:
 
 
 POSITIVE_INT = Rule(lambda v: _is_int(v) and v >= 1, "must be an int >= 1")
+NON_NEGATIVE_INT = Rule(lambda v: _is_int(v) and v >= 0, "must be an int >= 0")
 INT = Rule(_is_int, "must be an int")
 OPTIONAL_INT = Rule(lambda v: v is None or _is_int(v), "must be an int or None")
 OPTIONAL_POSITIVE_INT = Rule(lambda v: v is None or (_is_int(v) and v >= 1),

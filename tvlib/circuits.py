@@ -35,8 +35,8 @@ import pandas as pd
 import torch
 
 from .architectures import architecture, submodule
-from .checks import POSITIVE_INT, Rule, distinct, one_of, validate
-from .models import check_layers, context_length, require_local, to_model
+from .checks import NON_NEGATIVE_INT, POSITIVE_INT, check, distinct, one_of, validate
+from .models import check_context, check_layers, require_local, to_model
 from .prompt_batch import TOKEN_GROUPS, PromptBatch
 from .saes import check_sae_site
 
@@ -46,8 +46,6 @@ NODE_KINDS = ("latent", "error")
 # are spliced (their error term keeps them exact) but never attributed or ablated.
 NODE_GROUPS = tuple(g for g in TOKEN_GROUPS if g != "special")
 BASELINES = ("mean", "zero")
-_NON_NEGATIVE_INT = Rule(lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-                         "must be an int >= 0")
 
 
 @dataclass(frozen=True)
@@ -74,8 +72,8 @@ class CircuitConfig:
 
     def __post_init__(self):
         validate(self, baseline=one_of(BASELINES), ablation=one_of(BASELINES),
-                 ig_steps=_NON_NEGATIVE_INT,
-                 top_nodes=POSITIVE_INT, exact_nodes=_NON_NEGATIVE_INT,
+                 ig_steps=NON_NEGATIVE_INT,
+                 top_nodes=POSITIVE_INT, exact_nodes=NON_NEGATIVE_INT,
                  sizes=distinct(POSITIVE_INT), batch_size=POSITIVE_INT)
 
 
@@ -119,12 +117,8 @@ def icl_loss(lm, batch: PromptBatch, n_prompts: int | None = None) -> torch.Tens
     by ``n_prompts`` (default ``len(batch)``; a chunk of a larger set passes the set's)."""
     rows, predict_pos, targets = icl_loss_tokens(batch)
     end = int(predict_pos.max()) + 1               # later tokens predict nothing scored
-    inputs = {k: v[:, :end] for k, v in batch.model_inputs().items()}
-    limit = context_length(lm)
-    if limit is not None and end > limit:
-        raise ValueError(f"prompts of {end} tokens are longer than the model's context of "
-                         f"{limit} tokens: lower n_shots")
-    inputs = to_model(lm, inputs)
+    check_context(lm, end)
+    inputs = to_model(lm, {k: v[:, :end] for k, v in batch.model_inputs().items()})
     device = inputs["input_ids"].device
     with _logits_at(lm, rows.to(device), predict_pos.to(device)):
         logits = lm._module(**inputs).logits                                  # (N, V)
@@ -240,10 +234,7 @@ def group_baselines(lm, batch: PromptBatch, saes: dict, baseline: str,
     if baseline not in BASELINES:
         raise ValueError(f"baseline={baseline!r}: choose one of {BASELINES}")
     body = submodule(lm._module, architecture(lm).body)   # the blocks; no unembedding
-    limit = context_length(lm)
-    if limit is not None and batch.input_ids.shape[1] > limit:
-        raise ValueError(f"prompts of {batch.input_ids.shape[1]} tokens are longer than the "
-                         f"model's context of {limit} tokens: lower n_shots")
+    check_context(lm, batch.input_ids.shape[1])
     sums = {layer: [0, 0, 0] for layer in saes}     # latents, errors, tokens per group
     with torch.no_grad():
         for chunk in batch.chunks(batch_size):
@@ -300,17 +291,12 @@ def attribute(lm, batch: PromptBatch, saes: dict, baselines: Baselines,
         for layer in saes:
             groups = _batch_view(chunk, splice, layer)
             base_f, base_e = baselines.at(layer, groups)
-            diff_f = _off_padding(splice.latents[layer] - base_f, groups)
-            diff_e = _off_padding(splice.errors[layer] - base_e, groups)
             grad_f, grad_e = splice.grads(layer)
-            latent, error = _node_effects(diff_f, grad_f, diff_e, grad_e, groups)
+            latent, error = _node_effects(splice.latents[layer] - base_f, grad_f,
+                                          splice.errors[layer] - base_e, grad_e, groups)
             out[layer][0] = out[layer][0] + latent
             out[layer][1] = out[layer][1] + error
     return {layer: (f, e) for layer, (f, e) in out.items()}
-
-
-def _off_padding(values: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    return values * (groups >= 0).to(values.device)[..., None]
 
 
 def _interpolate(layer: int, alpha: float, baselines: Baselines, groups: torch.Tensor) -> Edit:
@@ -335,11 +321,12 @@ def integrated_gradients(lm, batch: PromptBatch, saes: dict, baselines: Baseline
     responding; effects as ``attribute``'s. Their sum over a layer's nodes converges to the
     exact change of the loss when the whole layer is set to its baselines."""
     require_local(lm, "circuit attribution")
-    if steps < 1:
-        raise ValueError(f"steps={steps}: must be an int >= 1")
+    check("steps", steps, POSITIVE_INT, "pass e.g. steps=10")
     out = {layer: [0, 0] for layer in saes}
-    for layer in saes:
-        for chunk in batch.chunks(batch_size):
+    for chunk in batch.chunks(batch_size):
+        with torch.no_grad(), Splice(lm, saes) as clean:     # the values, once per chunk
+            loss(lm, chunk, len(batch))
+        for layer in saes:
             grad_f = grad_e = 0
             for k in range(steps):
                 alpha = (k + 0.5) / steps
@@ -348,13 +335,10 @@ def integrated_gradients(lm, batch: PromptBatch, saes: dict, baselines: Baseline
                     loss(lm, chunk, len(batch)).backward()
                 g_f, g_e = splice.grads(layer)
                 grad_f, grad_e = grad_f + g_f / steps, grad_e + g_e / steps
-            with torch.no_grad(), Splice(lm, saes) as clean:
-                loss(lm, chunk, len(batch))
             groups = _batch_view(chunk, clean, layer)
             base_f, base_e = baselines.at(layer, groups)
-            diff_f = _off_padding(clean.latents[layer] - base_f, groups)
-            diff_e = _off_padding(clean.errors[layer] - base_e, groups)
-            latent, error = _node_effects(diff_f, grad_f, diff_e, grad_e, groups)
+            latent, error = _node_effects(clean.latents[layer] - base_f, grad_f,
+                                          clean.errors[layer] - base_e, grad_e, groups)
             out[layer][0] = out[layer][0] + latent
             out[layer][1] = out[layer][1] + error
     return {layer: (f, e) for layer, (f, e) in out.items()}

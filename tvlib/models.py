@@ -161,16 +161,21 @@ def context_length(lm) -> int | None:
     return min(limits) if limits else None
 
 
+def check_context(lm, width: int) -> None:
+    """Fail for inputs of ``width`` tokens longer than the model's context."""
+    limit = context_length(lm)
+    if limit is not None and width > limit:
+        raise ValueError(
+            f"inputs of {width} tokens are longer than the model's context of {limit} "
+            "tokens: lower n_shots (or shorten the texts) so that every prompt fits")
+
+
 def trace(lm, inputs: dict[str, torch.Tensor]):
     """``lm.trace`` on inputs moved to the model, remotely when the model was loaded so.
 
     Inputs longer than the model's context are refused here, for every forward pass.
     """
-    width, limit = inputs["input_ids"].shape[-1], context_length(lm)
-    if limit is not None and width > limit:
-        raise ValueError(
-            f"inputs of {width} tokens are longer than the model's context of {limit} "
-            "tokens: lower n_shots (or shorten the texts) so that every prompt fits")
+    check_context(lm, inputs["input_ids"].shape[-1])
     remote = as_model(lm).remote
     inputs = to_model(lm, inputs)
     return lm.trace(inputs, remote=remote) if remote else lm.trace(inputs)

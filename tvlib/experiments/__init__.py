@@ -19,7 +19,7 @@ from .cleanup_sweeps import (MIN_GAIN, cleanup_report, controls_report, controls
                              earliest_effective_layer, lambda_sweep, run_cleanup_sweep,
                              run_controls_sweep, run_detector_sweep, top_cleaned_features)
 from .circuit_sweeps import attribution_agreement, run_circuit_sweep
-from .further_experiments import run_early_layer, run_sentence_transfer
+from .further_experiments import choose_early_layer, run_early_layer, run_sentence_transfer
 from .prompt_setup import (PromptConfig, TaskPrompts, build_task_prompts, configure,
                            model_tasks, prompt_config)
 from .sae_view_sweeps import first_pursuit_features, run_ito_sweep, run_sae_view_sweep
@@ -55,5 +55,5 @@ __all__ = [
     # 07 feature circuits
     "run_circuit_sweep", "attribution_agreement",
     # 08 further experiments
-    "run_early_layer", "run_sentence_transfer",
+    "choose_early_layer", "run_early_layer", "run_sentence_transfer",
 ]

@@ -19,11 +19,40 @@ from ..sae_views import decode
 from ..scoring import score
 from ..sentences import SENTENCE_TOKENS, load_sentences, sentence_batches
 from ..taskvec import task_vectors
-from .cleanup_sweeps import run_cleanup_sweep
+from .cleanup_sweeps import earliest_effective_layer, run_cleanup_sweep
 from .prompt_setup import PromptConfig, build_task_prompts, model_tasks, prompt_config
 from .runner import cleanup_settings, run_per_task
+from .schema import CLEANED, TV, ZERO_SHOT
 
 READS = ("cleaned early TV", "early TV", "no vector")    # what enters at the early layer
+
+
+def early_layer_from(earliest: pd.Series, candidates) -> int:
+    """The layer to clean at: the earliest where the cleaned TV works for every task (the
+    largest of the tasks' earliest layers, ``earliest_effective_layer``'s), else the last
+    of ``candidates`` (the layers with an SAE before the task layer)."""
+    candidates = sorted(candidates)
+    if not candidates:
+        raise ValueError("no layer with an SAE before the task layer to clean at: pass "
+                         "early_layer explicitly, or a later task layer")
+    working = [layer for layer in earliest.tolist() if layer is not None and not pd.isna(layer)]
+    if earliest.empty or len(working) < len(earliest):
+        return candidates[-1]
+    return int(max(working))
+
+
+def choose_early_layer(lm, tasks, task_layer: int, prompt_cfg: PromptConfig | None = None,
+                       cfg: CleanupConfig = CleanupConfig(), batch_size: int = 32
+                       ) -> tuple[int, pd.Series]:
+    """(early layer, each task's earliest working layer): notebook 04's cleanup sweep (from
+    its cache when the settings match) over the layers with an SAE before ``task_layer``,
+    read by ``early_layer_from``."""
+    candidates = [layer for layer in lm.preset.resid_pre_layers_with_sae() if layer < task_layer]
+    if not candidates:
+        return early_layer_from(pd.Series(dtype=object), candidates), pd.Series(dtype=object)
+    scores = run_cleanup_sweep(lm, tasks, candidates, prompt_cfg, cfg, batch_size)["scores"]
+    earliest = earliest_effective_layer(scores, TV, CLEANED, ZERO_SHOT)
+    return early_layer_from(earliest, candidates), earliest
 
 
 def cleaned_weights(features: pd.DataFrame, task: str, layer: int, n_features: int
