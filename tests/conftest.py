@@ -1,7 +1,13 @@
 """Shared fixtures: tokenizers built locally and the shipped embedded model."""
 
+import os
+
 import pytest
 import torch
+
+# The tests compare against CPU references: models and SAEs loaded without a device go to
+# the CPU even on a GPU machine (tvlib.models.default_device); the CUDA tests ask for it.
+os.environ["TVLIB_DEVICE"] = "cpu"
 
 from tvlib.paths import TOY_DIR
 

@@ -108,10 +108,13 @@ def test_attribution_is_exact_on_a_linear_loss(toy_lm, batch):
     assert ranked
     checked = [node for _, node in ranked[:5]] + \
         [C.Node(layer, "error", None, "separator")]
+    # the exact effect is a difference of two float32 losses: good to a few of their ulps
+    ulps = 4 * torch.finfo(torch.float32).eps * abs(clean)
     for node in checked:
         exact = C.ablated_loss(toy_lm, batch, saes, baselines,
                                C.keep_nodes(saes, n_latents, [node], value=False), 4, loss)
-        assert C._effect_of(effects, node) == pytest.approx(exact - clean, rel=1e-3, abs=1e-4)
+        assert C._effect_of(effects, node) == pytest.approx(exact - clean, rel=1e-3,
+                                                            abs=max(1e-4, ulps))
     # the whole layer at its baselines: the sum of every node's effect
     none = C.ablated_loss(toy_lm, batch, saes, baselines, C.keep_all(saes, n_latents, False), 4,
                           loss)
@@ -266,3 +269,23 @@ def test_chunking_does_not_change_results(toy_lm):
     none = C.keep_all(saes, n_latents, False)
     assert C.ablated_loss(toy_lm, batch, saes, whole, none, 1) == pytest.approx(
         C.ablated_loss(toy_lm, batch, saes, whole, none, len(batch)), rel=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("sae_device", ["cpu", "cuda"])
+def test_a_cuda_model_gives_the_cpu_effects_with_the_sae_on(sae_device, toy_lm, batch):
+    """The splice runs each SAE where it sits and writes back onto the model's device:
+    the toy model on CUDA (float32) gives the CPU's baselines, effects and ablated loss."""
+    from tvlib.models import load_model
+    layer = 4
+    cpu_saes = {layer: load_sae("toy", layer, "cpu")}
+    gpu_lm, gpu_saes = load_model("toy", device="cuda"), {layer: load_sae("toy", layer, sae_device)}
+    results = []
+    for lm, saes in ((toy_lm, cpu_saes), (gpu_lm, gpu_saes)):
+        baselines = C.group_baselines(lm, batch, saes, "mean", 4)
+        latent, error = C.attribute(lm, batch, saes, baselines, 4)[layer]
+        n_latents = {layer: saes[layer].cfg.d_sae}
+        none = C.ablated_loss(lm, batch, saes, baselines, C.keep_all(saes, n_latents, False), 4)
+        results.append((baselines.latents[layer].cpu(), latent.cpu(), error.cpu(), none))
+    for cpu, gpu in zip(*results):
+        torch.testing.assert_close(gpu, cpu, rtol=1e-3, atol=1e-4)

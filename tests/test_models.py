@@ -87,3 +87,30 @@ def test_toy_preset_matches_how_the_model_was_trained():
     preset = get_preset("toy")
     assert preset.max_pairs_per_task == config["max_pairs_per_task"]
     assert preset.sae_layers == tuple(range(config["n_layers"]))
+
+
+def test_tvlib_device_chooses_the_default_device(monkeypatch):
+    from tvlib.models import default_device
+    monkeypatch.setenv("TVLIB_DEVICE", "cpu")
+    assert default_device() == "cpu"
+    assert next(load_sae("toy", 3).parameters()).device.type == "cpu"
+    monkeypatch.setenv("TVLIB_DEVICE", "gpu")
+    with pytest.raises(ValueError, match="TVLIB_DEVICE='gpu': set it to 'cpu' or 'cuda'"):
+        default_device()
+    monkeypatch.delenv("TVLIB_DEVICE")
+    assert default_device() == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TVLIB_DEVICE", "cuda")
+        with pytest.raises(RuntimeError, match="torch sees no CUDA GPU"):
+            default_device()
+
+
+def test_a_model_asked_for_on_the_cpu_stays_there_when_a_gpu_is_present(monkeypatch):
+    """transformers' pipeline (nnsight loads through it) moves a model it is given no
+    device for onto the first accelerator; load_model names the device it was asked
+    for. Without a GPU here, a pipeline that believes CUDA is present stands in."""
+    import transformers.pipelines.base as pipeline_base
+    from tvlib.models import load_model, model_device
+    monkeypatch.setattr(pipeline_base, "is_torch_cuda_available", lambda: True)
+    lm = load_model("toy", device="cpu")
+    assert model_device(lm).type == "cpu"

@@ -1,6 +1,7 @@
 """SAEs built here for an offline model: sampled text, recorded residuals, training,
 the card's measurements, and the build that writes them beside a preset."""
 
+import dataclasses
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -265,3 +266,77 @@ def test_training_rows_give_model_written_text_its_share_repeating_it_evenly():
     assert drawn["model-written"]["drawn_tokens"] == 0 and drawn["prose"]["drawn_tokens"] == 400
     again = training_rows(_WordTokenizer(), mix, cfg, torch.Generator().manual_seed(0))[0]
     assert torch.equal(again[0], rows)                         # seeded
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("sae_device", ["cpu", "cuda"])
+def test_the_loss_change_on_a_cuda_model_with_the_sae_on(sae_device, toy_lm):
+    """``offline_saes --device cuda`` measures a CUDA model with SAEs read from disk onto
+    the CPU: the splice runs each SAE where it sits, and the numbers are the CPU's."""
+    from tvlib.models import load_model
+    from tvlib.saes import load_sae
+    rows = toy_lm.tokenizer(["<bos> hot -> cold \n big -> small \n up -> down"] * 2,
+                            add_special_tokens=False, return_tensors="pt")["input_ids"]
+    mask = torch.ones_like(rows, dtype=torch.bool)
+    mask[:, 0] = False
+    mean = {2: torch.randn(128, generator=torch.Generator().manual_seed(0))}
+    cpu = loss_change(toy_lm, {2: load_sae("toy", 2, "cpu")}, rows, mask, mean)[2]
+    gpu = loss_change(load_model("toy", device="cuda"), {2: load_sae("toy", 2, sae_device)},
+                      rows, mask, mean)[2]
+    for key, value in cpu.items():
+        assert gpu[key] == pytest.approx(value, rel=1e-4, abs=1e-5)
+
+
+def test_tokens_to_target_extrapolates_a_line_in_log_tokens():
+    from tvlib.offline_saes import tokens_to_target
+    rows = [{"train_tokens": 2 ** k, "prose": {"delta_loss": 2.0 - 0.25 * k}} for k in (1, 2, 3)]
+    assert tokens_to_target(rows, "prose") == pytest.approx(2 ** 6)     # 2 - 0.25 k = 0.5
+    flat = [{"train_tokens": 2 ** k, "prose": {"delta_loss": 1.0}} for k in (1, 2, 3)]
+    assert tokens_to_target(flat, "prose") is None
+
+
+def test_a_curve_is_added_to_a_built_card_on_its_own_heldout_sets(tmp_path):
+    """add_curve trains the card's setting on nested prefixes of the training tokens and
+    measures them on the card's held-out sets (the same clean loss), writes the table,
+    the figure and the shortfall into the card, and says so where its corpus is another."""
+    from tvlib.offline_saes import CURVE_FIGURE, add_curve
+    folder = tmp_path / "standin"
+    preset = make_standin("gemma-3-270m-offline", folder)
+    texts = json.loads((TOY_DIR / "corpus.json").read_text(encoding="utf-8"))
+    prose = {"facts": texts[:300], "patterns": texts[300:600]}
+    cfg = BuildConfig(GenerationConfig(n_texts=16, batch_size=8),
+                      SAETrainingConfig(width=64, k=8, batch_tokens=64, epochs=1),
+                      max_share=0.7, heldout_fraction=0.2, train_tokens=1500, context=32,
+                      heldout_rows=12, loss_rows=4, corpus_texts=3, sweep=())
+    quiet = dict(cache_dir=tmp_path / "cache", prose=prose, log=lambda _: None)
+    card = build(str(folder), cfg, **quiet)
+    curve_cfg = dataclasses.replace(cfg, train_tokens=3000, curve_tokens=(2000, 500, 1000))
+    with_curve = add_curve(str(folder), curve_cfg, **quiet)
+    curve = with_curve["curve"]
+    layer = preset.resid_pre_layers_with_sae()[-1]
+    assert curve["layer"] == layer and curve["training"] == asdict(cfg.training)
+    assert [r["train_tokens"] for r in curve["rows"]] == [500, 1000, 2000]
+    assert 2000 < curve["draw_tokens"] <= 3000
+    for row in curve["rows"]:
+        for name in ("model-written", "prose"):
+            assert row[name]["loss_clean"] == pytest.approx(card["saes"][0][name]["loss_clean"])
+    assert with_curve["saes"] == card["saes"]                  # the SAEs are left as they are
+    assert json.loads((folder / "card.json").read_text())["curve"] == curve
+    text = (folder / "MODEL_CARD.md").read_text()
+    assert "## Training-token curve" in text and "| 2000 | prose |" in text
+    assert "Shortfall at 2000 tokens" in text
+    assert (folder / CURVE_FIGURE).stat().st_size > 1000
+    with pytest.raises(ValueError, match=r"curve_tokens \[10000\]: .*at most train_tokens"):
+        add_curve(str(folder), dataclasses.replace(curve_cfg, curve_tokens=(10_000,)), **quiet)
+    assert curve["draw_tokens"] < 3000          # whole rows: the draw falls short of its budget
+    with pytest.raises(ValueError, match="at most the .* training tokens recorded"):
+        add_curve(str(folder), dataclasses.replace(curve_cfg, curve_tokens=(3000,)), **quiet)
+    assert "measured on the same held-out sets" in text
+    other = add_curve(str(folder), curve_cfg, cache_dir=tmp_path / "cache",
+                      prose={**prose, "facts": texts[:299]}, log=lambda _: None)
+    assert other["curve"]["corpus"]["sha256"] != card["corpus"]["sha256"]
+    text = (folder / "MODEL_CARD.md").read_text()
+    assert "not the card's corpus" in text
+    assert other["curve"]["corpus"]["sha256"] in text
+    build(str(folder), cfg, **quiet)                 # a card without a curve drops its figure
+    assert not (folder / CURVE_FIGURE).exists()

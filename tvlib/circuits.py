@@ -178,7 +178,7 @@ class Splice:
 
         def splice(module, args, kwargs):
             h = args[0] if args else kwargs["hidden_states"]                  # (B, T, d)
-            x = h.float()
+            x = h.to(sae.W_dec.device, torch.float32)          # the SAE may sit elsewhere
             f = sae.encode(x)                                                 # (B, T, n)
             e = x - sae.decode(f)                                             # (B, T, d)
             if self.edit is not None:
@@ -189,7 +189,7 @@ class Splice:
                 self._leaves[layer] = (f_leaf, e_leaf)
                 f, e = f + f_leaf, e + e_leaf
             self.latents[layer], self.errors[layer] = f.detach(), e.detach()
-            spliced = (sae.decode(f) + e).to(h.dtype)
+            spliced = (sae.decode(f) + e).to(h.device, h.dtype)
             if args:
                 return (spliced, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": spliced}

@@ -6,6 +6,7 @@ block L (Hugging Face ``hidden_states[L]``).
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from numbers import Integral
@@ -53,7 +54,18 @@ def as_model(lm) -> Model:
 
 
 def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """Where a model or SAE goes when no device is named: ``TVLIB_DEVICE`` if set ("cpu"
+    or "cuda"; the tests set "cpu"), else CUDA if available."""
+    chosen = os.environ.get("TVLIB_DEVICE", "").strip()
+    if not chosen:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if chosen not in ("cpu", "cuda"):
+        raise ValueError(f"TVLIB_DEVICE={chosen!r}: set it to 'cpu' or 'cuda', or unset it "
+                         "(CUDA when available)")
+    if chosen == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("TVLIB_DEVICE='cuda' but torch sees no CUDA GPU: unset it or set "
+                           "it to 'cpu'")
+    return chosen
 
 
 def load_model(preset: str | Preset, device: str | None = None, device_map: str | None = None,
@@ -113,8 +125,15 @@ def _load(source: str, device, device_map, remote, dtype, preset: Preset):
     dtype = dtype or ("float32" if on_cpu else preset.dtype_cuda)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype {dtype!r} is not one of 'float32', 'bfloat16', 'float16'")
-    lm = TransformersModel(source, task="text-generation", device_map=device_map or device,
-                           dtype=getattr(torch, dtype), dispatch=True)
+    # nnsight loads through a transformers pipeline, which puts a model it is given no
+    # ``device`` for on the first accelerator: name the device, or pass the device map
+    placement = {"device_map": device_map} if device_map else {"device": device}
+    lm = TransformersModel(source, task="text-generation", dtype=getattr(torch, dtype),
+                           dispatch=True, **placement)
+    landed = lm._module.get_input_embeddings().weight.device
+    if device_map is None and landed.type != torch.device(device).type:
+        raise RuntimeError(f"the model was asked for on {device!r} but landed on {landed}: "
+                           "report this with your transformers and nnsight versions")
     lm._module.eval()
     lm._module.requires_grad_(False)   # never trained here; gradients go to vectors
     return lm

@@ -12,7 +12,10 @@
 3. A sweep: each of ``SWEEP``'s settings trained at one layer on part of the training
    tokens, measured on both held-out sets; the best (lowest mean Δ loss) then trains
    one BatchTopK SAE per layer of the preset with sae-lens (tvlib.sae_training), saved
-   where the preset reads its SAEs.
+   where the preset reads its SAEs. With ``--curve``, the chosen setting is also trained
+   at the sweep's layer on the first n training tokens for each n given (the training-
+   token curve: how far more tokens would take the SAEs); ``--curve-only`` adds such a
+   curve to the card of SAEs already built, leaving them as they are.
 4. On each held-out set: FVU, L0, dead fraction, and the next-token loss with the
    reconstruction spliced in against clean and mean-ablated; the SAEs that were in
    place before are measured the same way, so the card shows both. A sample of the
@@ -80,6 +83,9 @@ class BuildConfig:
     sweep: tuple[SAETrainingConfig, ...] = SWEEP   # () to train with ``training`` as given
     sweep_layer: int | None = None  # resid_pre; None: the preset's last SAE layer
     sweep_tokens: int = 400_000     # the sweep trains on this many of the training tokens
+    # The training-token curve: the chosen setting trained at ``sweep_layer`` on the first
+    # n training tokens for each n here, measured like the layers (() for none)
+    curve_tokens: tuple[int, ...] = ()
     heldout_fraction: float = 0.05  # of each source's documents, kept whole
     train_tokens: int = 10_000_000  # training residuals at most (rows drawn at random)
     context: int = 128              # tokens per row, BOS included
@@ -253,6 +259,36 @@ def trained_sae(store: Path, layer: int, training: SAETrainingConfig, cache_dir:
     return save_sae(train_sae(resid, hook, training, log=log), trained, training.save_dtype)
 
 
+def _measured_sae(prepared: Prepared, layer: int, training: SAETrainingConfig, n: int,
+                  mean: torch.Tensor, code: dict, cfg: BuildConfig, cache_dir: Path,
+                  log=print) -> dict:
+    """``training`` at resid_pre ``layer`` on the first ``n`` training residuals, measured
+    on both held-out sets; kept beside the trained SAE so a resumed build reuses it."""
+    t = time.time()
+    sae = trained_sae(prepared.stores["train"], layer, training, cache_dir, n, log=log)
+    record_path = trained_folder(prepared.stores["train"], layer, training, cache_dir,
+                                 n) / "measured.json"
+    key = {"stores": {name: Path(store).name for name, store in prepared.stores.items()},
+           "heldout_rows": cfg.heldout_rows, "loss_rows": cfg.loss_rows, "layer": layer,
+           "code": {m: code[m] for m in MEASURE_MODULES}}
+    stored = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    if stored.get("key") == key:
+        return stored["row"]
+    measured = _measure(prepared.lm, {layer: sae}, {layer: mean}, prepared.stores,
+                        prepared.heldout_rows, cfg)[layer]
+    row = {"layer": layer, "train_tokens": n, "training": asdict(training),
+           "seconds": round(time.time() - t, 1), **measured}
+    write_atomic(record_path, lambda tmp: tmp.write_text(json.dumps(
+        {"key": key, "row": row}, indent=2)))
+    return row
+
+
+def _log_row(label: str, row: dict, log=print) -> None:
+    log(f"{label}: " + "  ".join(
+        f"{name} Δloss {row[name]['delta_loss']:+.3f} FVU {row[name]['fvu']:.3f} "
+        f"dead {row[name]['dead_fraction']:.3f}" for name in HELDOUT_SETS))
+
+
 def sweep(prepared: Prepared, cfg: BuildConfig, cache_dir: Path, log=print) -> list[dict]:
     """Each of ``cfg.sweep``'s settings trained at ``cfg.sweep_layer`` on the first
     ``cfg.sweep_tokens`` training residuals and measured on both held-out sets."""
@@ -263,29 +299,30 @@ def sweep(prepared: Prepared, cfg: BuildConfig, cache_dir: Path, log=print) -> l
     code = code_fingerprint()
     rows = []
     for training in cfg.sweep:
-        t = time.time()
-        sae = trained_sae(prepared.stores["train"], layer, training, cache_dir, n, log=log)
-        # measured once per trained SAE: a resumed build reuses it
-        record_path = trained_folder(prepared.stores["train"], layer, training, cache_dir,
-                                     n) / "sweep_measure.json"
-        key = {"stores": {name: Path(store).name for name, store in prepared.stores.items()},
-               "heldout_rows": cfg.heldout_rows, "loss_rows": cfg.loss_rows, "layer": layer,
-               "code": {m: code[m] for m in MEASURE_MODULES}}
-        stored = json.loads(record_path.read_text()) if record_path.is_file() else {}
-        if stored.get("key") == key:
-            row = stored["row"]
-        else:
-            measured = _measure(prepared.lm, {layer: sae}, {layer: mean}, prepared.stores,
-                                prepared.heldout_rows, cfg)[layer]
-            row = {"layer": layer, "train_tokens": n, "training": asdict(training),
-                   "seconds": round(time.time() - t, 1), **measured}
-            write_atomic(record_path, lambda tmp: tmp.write_text(json.dumps(
-                {"key": key, "row": row}, indent=2)))
-        rows.append(row)
-        measured = {name: row[name] for name in HELDOUT_SETS}
-        log(f"sweep {_settings(training)}: " + "  ".join(
-            f"{name} Δloss {measured[name]['delta_loss']:+.3f} FVU {measured[name]['fvu']:.3f} "
-            f"dead {measured[name]['dead_fraction']:.3f}" for name in HELDOUT_SETS))
+        rows.append(_measured_sae(prepared, layer, training, n, mean, code, cfg, cache_dir, log))
+        _log_row(f"sweep {_settings(training)}", rows[-1], log)
+    return rows
+
+
+def token_curve(prepared: Prepared, training: SAETrainingConfig, cfg: BuildConfig,
+                cache_dir: Path, log=print) -> list[dict]:
+    """``training`` at ``cfg.sweep_layer`` on the first n training residuals for each n of
+    ``cfg.curve_tokens`` (nested: the store's rows are in random order, model-written and
+    prose shuffled together), each measured on both held-out sets."""
+    available = int(prepared.train_rows[1].sum())
+    too_many = [n for n in cfg.curve_tokens if n > available]
+    if too_many or any(n <= 0 for n in cfg.curve_tokens):
+        raise ValueError(f"curve_tokens={cfg.curve_tokens}: each must be positive and at most "
+                         f"the {available} training tokens recorded; raise train_tokens to "
+                         f"{max(cfg.curve_tokens)} or drop the larger counts")
+    layer = cfg.sweep_layer or prepared.preset.resid_pre_layers_with_sae()[-1]
+    training = dataclasses.replace(training, seed=training.seed + layer)   # as the layers'
+    mean = read_layer(prepared.stores["train"], layer).mean(0, dtype=torch.float32)
+    code = code_fingerprint()
+    rows = []
+    for n in sorted(cfg.curve_tokens):
+        rows.append(_measured_sae(prepared, layer, training, n, mean, code, cfg, cache_dir, log))
+        _log_row(f"curve {n} tokens", rows[-1], log)
     return rows
 
 
@@ -320,6 +357,7 @@ def build(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = BuildCon
             raise ValueError(f"architecture={training.architecture!r}: the offline SAEs and "
                              "their card are BatchTopK; pass SAETrainingConfig(architecture="
                              "'batchtopk')")
+    check_curve_tokens(cfg)
     out_dir = Path(out_dir) if out_dir is not None else Path(preset.sae_dir).parent
     layers = preset.resid_pre_layers_with_sae()
     start = time.time()
@@ -330,6 +368,9 @@ def build(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = BuildCon
     sweep_rows = sweep(prepared, cfg, cache_dir, log) if cfg.sweep else []
     chosen = choose(sweep_rows) if sweep_rows else cfg.training
     seconds["sweep"] = round(time.time() - t, 1)
+    t = time.time()
+    curve = _curve_record(prepared, chosen, cfg, cache_dir, log) if cfg.curve_tokens else None
+    seconds["curve"] = round(time.time() - t, 1)
     log(f"training every layer with {_settings(chosen)}")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -392,14 +433,107 @@ def build(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = BuildCon
                            "heldout_tokens": {n: int(r[1].sum()) for n, r in heldout_rows.items()},
                            "corpus_json_texts": len(corpus)},
                 "recording_dtype": prepared.dtype, "device": device, "sweep": sweep_rows,
+                "curve": curve,
                 "saes": rows_out, "previous_saes": measured.get("previous"), "seconds": seconds,
                 "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+        if curve:
+            save_curve_figure(curve, scratch, preset.name)
         (scratch / "card.json").write_text(json.dumps(card, indent=2) + "\n")
         (scratch / "MODEL_CARD.md").write_text(render_card(card, heldout_texts))
         _move_into(scratch, out_dir)
+        if not curve:                   # an earlier card's curve figure would outlive it
+            (out_dir / CURVE_FIGURE).unlink(missing_ok=True)
     finally:
         if scratch.exists():
             shutil.rmtree(scratch)
+    return card
+
+
+def check_curve_tokens(cfg: BuildConfig) -> None:
+    """Refuse curve counts the draw cannot hold before anything is sampled or recorded."""
+    bad = [n for n in cfg.curve_tokens if not 0 < n <= cfg.train_tokens]
+    if bad:
+        raise ValueError(f"curve_tokens {bad}: each must be positive and at most train_tokens="
+                         f"{cfg.train_tokens} (the draw holds whole rows, so a little under "
+                         "it: leave the largest count a row's length below train_tokens)")
+
+
+def _curve_record(prepared: Prepared, training: SAETrainingConfig, cfg: BuildConfig,
+                  cache_dir: Path, log=print) -> dict:
+    """The card's record of ``token_curve``: its rows and the draw they are prefixes of."""
+    rows = token_curve(prepared, training, cfg, cache_dir, log)
+    return {"layer": rows[0]["layer"], "training": asdict(training),
+            "draw_tokens": int(prepared.train_rows[1].sum()), "model_share": cfg.model_share,
+            "drawn": prepared.drawn, "rows": rows,
+            "corpus": {"sha256": prepared.mix["sha256"],
+                       "heldout_tokens": {n: int(r[1].sum())
+                                          for n, r in prepared.heldout_rows.items()}},
+            "residuals_per_second": _training_rate(rows)}
+
+
+def save_curve_figure(curve: dict, folder: Path, preset_name: str) -> Path:
+    """The curve as ``token_curve.png`` beside the card (linked from MODEL_CARD.md)."""
+    import matplotlib.pyplot as plt
+
+    from .plotting import FIGURE_DPI, plot_token_curve
+
+    fig = plot_token_curve(curve, TARGETS, title=f"{preset_name}: training-token curve")
+    path = Path(folder) / CURVE_FIGURE
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight",
+                                               dpi=FIGURE_DPI))
+    plt.close(fig)
+    return path
+
+
+def _training_rate(rows: list[dict]) -> float:
+    """Training residuals per second over the curve (training and measuring both counted;
+    for the card's estimate of what a larger build costs)."""
+    epochs = rows[0]["training"]["epochs"]
+    return sum(r["train_tokens"] * epochs for r in rows) / max(1e-9, sum(r["seconds"] for r in rows))
+
+
+def add_curve(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = BuildConfig(),
+              out_dir: Path | None = None, cache_dir: Path = REPO_ROOT / ".cache",
+              device: str = "cpu", prose: dict[str, list[str]] | None = None,
+              log=print) -> dict:
+    """The training-token curve of the SAEs already built in ``out_dir``, added to their
+    card: the card's setting at ``cfg.sweep_layer``, on the first n of ``cfg.train_tokens``
+    freshly drawn training tokens, from the corpus the card's recipe gives here. Where
+    that corpus is not the card's (the model-written text is sampled again, and sampling
+    follows the CPU's rounding), the curve records its own SHA-256 and held-out sizes and
+    the card says so beside it. The SAEs are left as they are."""
+    preset = get_preset(preset_name)
+    out_dir = Path(out_dir) if out_dir is not None else Path(preset.sae_dir).parent
+    card_path = out_dir / "card.json"
+    if not card_path.is_file():
+        raise FileNotFoundError(f"no card.json in {out_dir}: build the SAEs first "
+                                "(python -m tvlib.offline_saes)")
+    card = json.loads(card_path.read_text())
+    if not cfg.curve_tokens:
+        raise ValueError("curve_tokens=(): pass the training-token counts of the curve")
+    check_curve_tokens(cfg)
+    if card["preset"] != preset.name:
+        raise ValueError(f"{card_path} describes {card['preset']!r}, not {preset.name!r}")
+    built = card["build"]
+    same = {key: built[key] for key in ("max_share", "heldout_fraction", "context",
+                                        "heldout_rows", "loss_rows", "seed", "model_share")}
+    same["prose_sources"] = tuple(built["prose_sources"]) if built["prose_sources"] else None
+    generation = GenerationConfig(**{k: v for k, v in built["generation"].items()
+                                     if k in GenerationConfig.__dataclass_fields__})
+    cfg = dataclasses.replace(cfg, generation=generation, **same)
+    prepared = prepare(preset, cfg, cache_dir, device, prose, log)
+    if prepared.mix["sha256"] != card["corpus"]["sha256"]:
+        log(f"the corpus built here ({prepared.mix['sha256'][:12]}) is not the card's "
+            f"({card['corpus']['sha256'][:12]}): the curve is measured on its own held-out sets")
+    training = SAETrainingConfig(**built.get("chosen_training", built["training"]))
+    t = time.time()
+    card["curve"] = _curve_record(prepared, training, cfg, cache_dir, log)
+    card["seconds"]["curve"] = round(time.time() - t, 1)
+    text = json.dumps(card, indent=2) + "\n"
+    write_atomic(out_dir / "card.json", lambda tmp: tmp.write_text(text))
+    save_curve_figure(card["curve"], out_dir, preset.name)
+    rendered = render_card(card, prepared.heldout_texts)
+    write_atomic(out_dir / "MODEL_CARD.md", lambda tmp: tmp.write_text(rendered))
     return card
 
 
@@ -448,6 +582,7 @@ def _move_into(scratch: Path, out_dir: Path) -> None:
             backup.unlink()
 
 
+CURVE_FIGURE = "token_curve.png"
 TARGETS = {"delta_loss": 0.5, "recovered": 0.9, "fvu": 0.15, "dead_fraction": 0.10}
 
 
@@ -547,6 +682,8 @@ def render_card(card: dict, heldout_texts: dict[str, list[str]]) -> str:
                              f"{m['l0']:.1f} | {m['dead_fraction']:.3f} | "
                              f"{m['delta_loss']:+.3f} | {m['recovered']:.3f} | "
                              f"{row['seconds']:.0f} |")
+    if card.get("curve"):
+        lines += ["", *_curve_lines(card["curve"], card["corpus"])]
     if card.get("previous_saes"):
         lines += ["", "The SAEs these replaced, measured the same way:", ""]
         lines += _table([{"layer": int(layer), **m} for layer, m in card["previous_saes"].items()])
@@ -554,6 +691,77 @@ def render_card(card: dict, heldout_texts: dict[str, list[str]]) -> str:
         lines += ["", f"## Two held-out {name} texts", ""]
         lines += [f"> {text[:300]!r}" + "\n" for text in heldout_texts[name][:2]]
     return "\n".join(lines) + "\n"
+
+
+def tokens_to_target(rows: list[dict], heldout: str, points: int = 3) -> float | None:
+    """Training tokens at which Δ loss on ``heldout`` would reach the target, extrapolated
+    on a line in log2(tokens) through the curve's last ``points`` points; None where the
+    line does not fall (more tokens alone are not seen to help)."""
+    import math
+    last = sorted(rows, key=lambda r: r["train_tokens"])[-points:]
+    if len(last) < 2:
+        return None
+    x = [math.log2(r["train_tokens"]) for r in last]
+    y = [r[heldout]["delta_loss"] for r in last]
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    slope = sum((a - mx) * (b - my) for a, b in zip(x, y)) / sum((a - mx) ** 2 for a in x)
+    if slope >= 0:
+        return None
+    return 2 ** (mx + (TARGETS["delta_loss"] - my) / slope)
+
+
+def _curve_lines(curve: dict, corpus: dict) -> list[str]:
+    t = curve["training"]
+    own = curve.get("corpus", corpus)
+    if own["sha256"] == corpus["sha256"]:
+        where = "measured on the same held-out sets"
+    else:
+        sizes = ", ".join(f"{n}: {own['heldout_tokens'][n]} tokens" for n in HELDOUT_SETS)
+        where = ("measured on the held-out sets of a corpus that the same recipe gave on "
+                 "another machine, not the card's corpus (the model-written text is sampled "
+                 "again, and sampling follows the CPU's rounding): SHA-256 "
+                 f"`{own['sha256']}`, held-out {sizes}. Its texts are not the card's, so "
+                 "compare its points with each other, and with the table above only roughly")
+    lines = ["## Training-token curve", "", f"![Training-token curve]({CURVE_FIGURE})", "",
+             f"The setting above ({_settings(t)}) trained at resid_pre {curve['layer']} on the "
+             f"first n of {curve['draw_tokens']} training tokens drawn like the SAEs' (about "
+             f"{curve['model_share']:.0%} model-written rows, shuffled in with the prose; "
+             "model-written rows repeat where the draw needs more than were sampled), "
+             f"{where}.", "",
+             "| train tokens | held-out | FVU | L0 | dead | Δ loss | recovered | targets |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in sorted(curve["rows"], key=lambda r: r["train_tokens"]):
+        for name in HELDOUT_SETS:
+            m = row[name]
+            lines.append(f"| {row['train_tokens']} | {name} | {m['fvu']:.3f} | {m['l0']:.1f} | "
+                         f"{m['dead_fraction']:.3f} | {m['delta_loss']:+.3f} | "
+                         f"{m['recovered']:.3f} | {'met' if meets_targets(m) else 'missed'} |")
+    drawn = curve.get("drawn", {}).get(MODEL_SOURCE)
+    if drawn:
+        lines += ["", f"Model-written text in the draw: {drawn['drawn_tokens']} tokens drawn "
+                  f"from {drawn['available_tokens']} sampled ({drawn['passes']} passes)."]
+    last = max(curve["rows"], key=lambda r: r["train_tokens"])
+    rate = curve["residuals_per_second"]
+    lines += ["", f"Shortfall at {last['train_tokens']} tokens, and an extrapolation (a line in "
+              "log2 tokens through the last three points; a guide, not a measurement):", ""]
+    for name in HELDOUT_SETS:
+        delta = last[name]["delta_loss"]
+        if delta <= TARGETS["delta_loss"]:
+            lines.append(f"- {name}: Δ loss {delta:+.3f}, within the {TARGETS['delta_loss']} "
+                         "target")
+            continue
+        needed = tokens_to_target(curve["rows"], name)
+        if needed is None:
+            lines.append(f"- {name}: Δ loss {delta:+.3f}, {delta - TARGETS['delta_loss']:.3f} "
+                         "nats over the target; it does not fall over the last points, so more "
+                         "tokens of this mix are not seen to reach it")
+            continue
+        hours = needed * t["epochs"] / rate / 3600
+        lines.append(f"- {name}: Δ loss {delta:+.3f}, {delta - TARGETS['delta_loss']:.3f} nats "
+                     f"over the target; the line reaches {TARGETS['delta_loss']} at about "
+                     f"{needed / 1e6:.1f}M training tokens, about {hours:.1f} h per layer at this "
+                     f"curve's {rate:.0f} residuals/s (training and measuring)")
+    return lines
 
 
 def main(argv=None):
@@ -574,6 +782,12 @@ def main(argv=None):
                         help="train with --width --k --lr --batch-tokens --epochs as given "
                              "(default: measure the SWEEP settings first, train with the best)")
     parser.add_argument("--sweep-tokens", type=int, default=BuildConfig.sweep_tokens)
+    parser.add_argument("--curve", type=int, nargs="+", default=(), metavar="N",
+                        help="training-token counts of a curve at the sweep layer, with the "
+                             "chosen setting (each at most --train-tokens)")
+    parser.add_argument("--curve-only", action="store_true",
+                        help="add the --curve to the card of the SAEs already built, without "
+                             "training the layers again (the corpus must be the card's)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--cache", type=Path, default=REPO_ROOT / ".cache",
                         help="where sampled text and recorded residuals are kept")
@@ -584,8 +798,11 @@ def main(argv=None):
                                                    epochs=args.epochs, lr=args.lr,
                                                    batch_tokens=args.batch_tokens),
                       sweep=() if args.no_sweep else SWEEP, sweep_tokens=args.sweep_tokens,
-                      train_tokens=args.train_tokens)
-    build(args.preset, cfg, args.out, cache_dir=args.cache, device=args.device)
+                      train_tokens=args.train_tokens, curve_tokens=tuple(args.curve))
+    if args.curve_only:
+        add_curve(args.preset, cfg, args.out, cache_dir=args.cache, device=args.device)
+    else:
+        build(args.preset, cfg, args.out, cache_dir=args.cache, device=args.device)
 
 
 if __name__ == "__main__":

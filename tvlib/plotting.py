@@ -366,3 +366,32 @@ def plot_further_experiments(early: pd.DataFrame, sentences: pd.DataFrame | None
             fig.suptitle(title)
         fig.tight_layout()
     return fig
+
+
+def plot_token_curve(curve: dict, targets: dict, title: str = ""):
+    """An offline SAE build's training-token curve (``offline_saes.token_curve``): Δ loss
+    and FVU against training tokens on each held-out set, the card's targets dashed."""
+    rows = sorted(curve["rows"], key=lambda r: r["train_tokens"])
+    tokens = [r["train_tokens"] for r in rows]
+    heldout = [k for k in rows[0] if isinstance(rows[0][k], dict) and "fvu" in rows[0][k]]
+    with styled():
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+        for ax, metric, label in ((axes[0], "delta_loss", "Δ next-token loss (nats)"),
+                                  (axes[1], "fvu", "FVU")):
+            for name in heldout:
+                ax.plot(tokens, [r[name][metric] for r in rows], marker="o", label=name)
+            ax.axhline(targets[metric], color="grey", linestyle="--", linewidth=1,
+                       label="target")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(tokens, [f"{n / 1e6:g}M" if n >= 1e6 else f"{n / 1e3:g}k"
+                                   for n in tokens])
+            ax.minorticks_off()
+            ax.set_xlabel("training tokens")
+            ax.set_ylabel(label)
+        axes[0].legend(fontsize=7)
+        axes[0].set_title(f"SAE spliced in at resid_pre {curve['layer']}")
+        axes[1].set_title("fraction of variance unexplained")
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+    return fig

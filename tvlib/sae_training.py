@@ -220,9 +220,10 @@ def loss_change(lm, saes: dict, rows: torch.Tensor, mask: torch.Tensor,
                 if layer is not None:
                     h = resid_pre(lm, layer)                              # (B, T, d)
                     sae = saes[layer]
-                    new = (sae.decode(sae.encode(h.float())) if kind == "sae"
-                           else means[layer].to(h.device).float().expand(h.shape))
-                    h[:] = torch.where(m[..., None].to(h.device), new.to(h.dtype), h)
+                    x = h.to(sae.W_dec.device, torch.float32)  # the SAE may sit elsewhere
+                    new = (sae.decode(sae.encode(x)) if kind == "sae"
+                           else means[layer].float().expand(h.shape))
+                    h[:] = torch.where(m[..., None].to(h.device), new.to(h.device, h.dtype), h)
                 logits = lm.output.logits[:, :-1]                         # (B, T - 1, V)
                 nll = torch.nn.functional.cross_entropy(
                     logits.float().transpose(1, 2), targets.to(logits.device),
