@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 NOTEBOOKS := $(sort $(wildcard notebooks/0*.ipynb))
 EXECUTED := .cache/executed
 
-.PHONY: figures figures-gemma-3-270m gemma-3-270m-saes test env toy clean-cache
+.PHONY: figures figures-gemma-3-270m gemma-3-270m-saes gemma-3-270m-texts test env toy clean-cache
 
 env: $(VENV)/.installed
 
@@ -53,6 +53,13 @@ figures-gemma-3-270m: $(VENV)/.installed
 # resumable: sampled text and residuals are cached). Options: ARGS="--train-tokens N ...".
 gemma-3-270m-saes: $(VENV)/.installed
 	$(PY) -m tvlib.offline_saes $(ARGS)
+
+# Sample model-written texts for the build ahead of it and ship them in
+# data/gemma-3-270m/generated (read there instead of sampled again, on any machine;
+# resumable). TEXTS: how many (a multiple of 256).
+TEXTS ?= 3584
+gemma-3-270m-texts: $(VENV)/.installed
+	$(PY) -m tvlib.offline_saes --texts-only --texts $(TEXTS) $(ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

@@ -5,6 +5,8 @@ Re-pin only after checking that a change is intended: run ``python
 tests/test_golden_gemma3.py`` and paste its output.
 """
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import torch
@@ -39,6 +41,33 @@ GOLDEN_SAE = (0.1244, 41.78)
 @pytest.fixture(scope="module")
 def gemma():
     return load_model(PRESET, device="cpu")
+
+
+def test_the_shipped_model_written_texts_are_this_models_and_intact():
+    """The texts the default build reads instead of sampling: every chunk present, its
+    file the one the record names, sampled from this model with the build's settings."""
+    import warnings
+
+    from tvlib.generated_text import _load_chunk, shipped_chunks
+    from tvlib.models import model_source
+    from tvlib.offline_saes import SHIPPED_TEXTS, BuildConfig, _generation
+    from tvlib.presets import get_preset
+
+    preset = get_preset(PRESET)
+    folder = Path(preset.sae_dir).parent / SHIPPED_TEXTS
+    generation = _generation(BuildConfig())
+    model_dir = model_source(preset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")            # a mismatch warns: fail on it
+        found = shipped_chunks(folder, model_dir, generation)
+    assert sorted(found) == list(range(generation.n_chunks))
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    chunk = _load_chunk(found[0], generation)
+    assert (chunk["ids"][:, 0] == tokenizer.bos_token_id).all()
+    special = torch.isin(chunk["ids"], torch.tensor(tokenizer.all_special_ids))
+    ended = torch.cumsum(chunk["ids"] == tokenizer.eos_token_id, 1) > 0
+    assert torch.equal(chunk["mask"], ~special & ~ended)
 
 
 def measure_tasks(lm) -> dict:

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from tvlib.cache import CacheWarning
-from tvlib.generated_text import GenerationConfig, chunk_folder, generate
+from tvlib.generated_text import (SHIPPED_RECORD, GenerationConfig, chunk_folder, generate,
+                                  ship, shipped_key)
 from tvlib.models import load_model
 from tvlib.saes import load_sae
 from tvlib.offline_saes import BuildConfig, build, choose, training_rows
@@ -62,6 +63,74 @@ def test_sampled_chunks_are_reused_and_damaged_ones_sampled_again(tmp_path):
     assert messages[-1] == "sampled chunk 3/3 -> chunk_0002.safetensors" and len(longer) == 3
     other = GenerationConfig(**{**SMALL.__dict__, "seed": 1})
     assert chunk_folder(TOY_MODEL, other, tmp_path) != chunk_folder(TOY_MODEL, SMALL, tmp_path)
+
+
+def test_shipped_texts_are_read_instead_of_sampled_and_added_to(tmp_path):
+    shipped = tmp_path / "data" / "generated"
+    first = ship(TOY_MODEL, SMALL, tmp_path / "cache", shipped)
+    record = json.loads((shipped / SHIPPED_RECORD).read_text())
+    assert sorted(record["chunks"]) == ["chunk_0000.safetensors", "chunk_0001.safetensors"]
+    assert record["texts"] == 6 and record["tokens"] == sum(int(c["mask"].sum()) for c in first)
+    assert record["key"] == shipped_key(TOY_MODEL, SMALL)
+
+    # another machine: an empty cache, the shipped texts read, nothing sampled
+    messages = []
+    read = generate(TOY_MODEL, SMALL, tmp_path / "other-cache", shipped=shipped,
+                    log=messages.append)
+    assert messages == []
+    for a, b in zip(first, read):
+        assert torch.equal(a["ids"], b["ids"]) and torch.equal(a["mask"], b["mask"])
+        assert b["ids"].dtype == torch.long
+
+    # a longer run samples only the new chunk and ships it beside the others
+    kept = (shipped / "chunk_0000.safetensors").stat().st_mtime_ns
+    longer = GenerationConfig(**{**SMALL.__dict__, "n_texts": 9})
+    ship(TOY_MODEL, longer, tmp_path / "other-cache", shipped, log=messages.append)
+    assert messages == ["sampled chunk 3/3 -> chunk_0002.safetensors",
+                        f"shipped chunk_0002.safetensors to {shipped}"]
+    assert (shipped / "chunk_0000.safetensors").stat().st_mtime_ns == kept
+    assert json.loads((shipped / SHIPPED_RECORD).read_text())["texts"] == 9
+
+
+def test_shipped_texts_that_do_not_match_are_refused_and_sampled(tmp_path):
+    shipped = tmp_path / "generated"
+    first = ship(TOY_MODEL, SMALL, tmp_path / "cache", shipped)
+    # a changed file: refused by its SHA-256, sampled again (same seed, same text)
+    changed = shipped / "chunk_0001.safetensors"
+    data = bytearray(changed.read_bytes())
+    data[-1] ^= 1
+    changed.write_bytes(bytes(data))
+    messages = []
+    with pytest.warns(CacheWarning, match="chunk_0001.safetensors is missing or is not the file"):
+        again = generate(TOY_MODEL, SMALL, tmp_path / "empty", shipped=shipped,
+                         log=messages.append)
+    assert messages == ["sampled chunk 2/2 -> chunk_0001.safetensors"]
+    assert torch.equal(again[1]["ids"], first[1]["ids"])
+    # other settings: none of the shipped texts is used
+    hotter = GenerationConfig(**{**SMALL.__dict__, "temperature": 2.0})
+    with pytest.warns(CacheWarning, match="sampled with other temperature"):
+        generate(TOY_MODEL, hotter, tmp_path / "hot", shipped=shipped, log=messages.append)
+    assert messages[-2:] == ["sampled chunk 1/2 -> chunk_0000.safetensors",
+                             "sampled chunk 2/2 -> chunk_0001.safetensors"]
+    with pytest.raises(ValueError, match="sampled with other temperature .* would overwrite"):
+        ship(TOY_MODEL, hotter, tmp_path / "hot", shipped)
+    (shipped / SHIPPED_RECORD).write_text("{not json")
+    with pytest.warns(CacheWarning, match="generated.json is unreadable"):
+        generate(TOY_MODEL, SMALL, tmp_path / "cache", shipped=shipped)
+    with pytest.raises(ValueError, match="generated.json is unreadable .* would overwrite"):
+        ship(TOY_MODEL, SMALL, tmp_path / "cache", shipped)
+
+
+def test_shipped_texts_name_the_models_files_not_its_conversion_record(tmp_path):
+    import shutil
+    model = tmp_path / "model"
+    shutil.copytree(TOY_MODEL, model)
+    key = shipped_key(model, SMALL)
+    (model / "conversion.json").write_text('{"versions": {"transformers": "another"}}')
+    assert shipped_key(model, SMALL) == key
+    weights = next(model.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes() + b" ")
+    assert shipped_key(model, SMALL)["model"] != key["model"]
 
 
 def test_generation_settings_are_checked():
@@ -231,7 +300,9 @@ def test_build_writes_saes_corpus_and_card_beside_the_preset(tmp_path):
     assert f"| 1 | prose | {chosen.width} |" in text and "The SAEs these replaced" in text
     assert "## Sweep" in text
     assert lm.preset.name == "gemma-3-270m-offline-standin"
-    messages = []                       # a re-run reads the sampled text and the residuals
+    shipped = json.loads((folder / "generated" / SHIPPED_RECORD).read_text())
+    assert shipped["texts"] == 16 and len(shipped["chunks"]) == 2    # the texts it used
+    messages = []    # a re-run elsewhere reads the shipped text; here, also the residuals
     again = build(str(folder), cfg, cache_dir=tmp_path / "cache", prose=prose,
                   log=messages.append)
     assert not any("sampled chunk" in m for m in messages)
@@ -287,6 +358,30 @@ def test_the_loss_change_on_a_cuda_model_with_the_sae_on(sae_device, toy_lm):
         assert gpu[key] == pytest.approx(value, rel=1e-4, abs=1e-5)
 
 
+def test_a_card_written_with_one_curve_reads_as_a_list_of_curves():
+    from tvlib.offline_saes import card_curves
+    old = {"build": {"generation": {"n_texts": 1536}}, "curve": {"layer": 12, "rows": []}}
+    assert card_curves(old) == [{"model_texts": 1536, "layer": 12, "rows": []}]
+    assert card_curves({"build": {}, "curve": None}) == []
+    assert card_curves({"curves": [{"layer": 1}]}) == [{"layer": 1}]
+
+
+def test_a_one_point_curve_states_its_shortfall_without_a_line():
+    from tvlib.offline_saes import _curve_lines
+    measure = lambda delta: {"fvu": 0.1, "l0": 40.0, "dead_fraction": 0.05,  # noqa: E731
+                             "delta_loss": delta, "recovered": 0.9}
+    curve = {"layer": 12, "model_texts": 512, "draw_tokens": 1000, "model_share": 0.3,
+             "residuals_per_second": 1000.0,
+             "training": asdict(SAETrainingConfig(width=64, k=8)),
+             "rows": [{"train_tokens": 1000, "model-written": measure(0.8),
+                       "prose": measure(0.3)}]}
+    card = {"corpus": {"sha256": "a" * 64}, "build": {"generation": {"n_texts": 512}}}
+    lines = _curve_lines(curve, card)
+    assert "- model-written: Δ loss +0.800, 0.300 nats over the target (one point: no line to " \
+           "extrapolate)" in lines
+    assert "- prose: Δ loss +0.300, within the 0.5 target" in lines
+
+
 def test_tokens_to_target_extrapolates_a_line_in_log_tokens():
     from tvlib.offline_saes import tokens_to_target
     rows = [{"train_tokens": 2 ** k, "prose": {"delta_loss": 2.0 - 0.25 * k}} for k in (1, 2, 3)]
@@ -312,19 +407,20 @@ def test_a_curve_is_added_to_a_built_card_on_its_own_heldout_sets(tmp_path):
     card = build(str(folder), cfg, **quiet)
     curve_cfg = dataclasses.replace(cfg, train_tokens=3000, curve_tokens=(2000, 500, 1000))
     with_curve = add_curve(str(folder), curve_cfg, **quiet)
-    curve = with_curve["curve"]
+    [curve] = with_curve["curves"]
     layer = preset.resid_pre_layers_with_sae()[-1]
     assert curve["layer"] == layer and curve["training"] == asdict(cfg.training)
+    assert curve["model_texts"] == 16
     assert [r["train_tokens"] for r in curve["rows"]] == [500, 1000, 2000]
     assert 2000 < curve["draw_tokens"] <= 3000
     for row in curve["rows"]:
         for name in ("model-written", "prose"):
             assert row[name]["loss_clean"] == pytest.approx(card["saes"][0][name]["loss_clean"])
     assert with_curve["saes"] == card["saes"]                  # the SAEs are left as they are
-    assert json.loads((folder / "card.json").read_text())["curve"] == curve
+    assert json.loads((folder / "card.json").read_text())["curves"] == [curve]
     text = (folder / "MODEL_CARD.md").read_text()
     assert "## Training-token curve" in text and "| 2000 | prose |" in text
-    assert "Shortfall at 2000 tokens" in text
+    assert "### 16 model-written texts" in text and "Shortfall at 2000 tokens" in text
     assert (folder / CURVE_FIGURE).stat().st_size > 1000
     with pytest.raises(ValueError, match=r"curve_tokens \[10000\]: .*at most train_tokens"):
         add_curve(str(folder), dataclasses.replace(curve_cfg, curve_tokens=(10_000,)), **quiet)
@@ -332,11 +428,22 @@ def test_a_curve_is_added_to_a_built_card_on_its_own_heldout_sets(tmp_path):
     with pytest.raises(ValueError, match="at most the .* training tokens recorded"):
         add_curve(str(folder), dataclasses.replace(curve_cfg, curve_tokens=(3000,)), **quiet)
     assert "measured on the same held-out sets" in text
+    # the same texts and setting on another corpus: that curve replaces the first
     other = add_curve(str(folder), curve_cfg, cache_dir=tmp_path / "cache",
                       prose={**prose, "facts": texts[:299]}, log=lambda _: None)
-    assert other["curve"]["corpus"]["sha256"] != card["corpus"]["sha256"]
+    [replaced] = other["curves"]
+    assert replaced["corpus"]["sha256"] != card["corpus"]["sha256"]
     text = (folder / "MODEL_CARD.md").read_text()
-    assert "not the card's corpus" in text
-    assert other["curve"]["corpus"]["sha256"] in text
+    assert "not the card's (the same recipe drew other texts here" in text
+    assert replaced["corpus"]["sha256"] in text
+    # more model-written texts: a second curve beside the first, one point
+    more = add_curve(str(folder), dataclasses.replace(curve_cfg, curve_tokens=(2000,)),
+                     model_texts=24, **quiet)
+    assert [c["model_texts"] for c in more["curves"]] == [16, 24]
+    text = (folder / "MODEL_CARD.md").read_text()
+    assert "### 24 model-written texts" in text and "it holds 24 model-written texts" in text
+    point = more["curves"][1]["rows"][0]
+    over = [n for n in ("model-written", "prose") if point[n]["delta_loss"] > 0.5]
+    assert text.count("(one point: no line to extrapolate)") == len(over)
     build(str(folder), cfg, **quiet)                 # a card without a curve drops its figure
     assert not (folder / CURVE_FIGURE).exists()

@@ -107,15 +107,17 @@ def file_digest(path: Path) -> str:
     return _FILE_DIGESTS[memo]
 
 
-def folder_digest(folder: Path) -> str:
-    """A digest of every file under ``folder`` (hidden files and folders left out)."""
+def folder_digest(folder: Path, exclude: tuple[str, ...] = ()) -> str:
+    """A digest of every file under ``folder`` (hidden files and folders, and the names
+    in ``exclude``, left out)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"cannot fingerprint {folder}: not a folder")
     entries = {}
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder)
-        if path.is_file() and not any(part.startswith(".") for part in relative.parts):
+        if (path.is_file() and not any(part.startswith(".") for part in relative.parts)
+                and str(relative) not in exclude):
             entries[str(relative)] = file_digest(path)
     if not entries:
         raise FileNotFoundError(f"cannot fingerprint {folder}: it holds no files")

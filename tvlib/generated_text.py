@@ -11,10 +11,19 @@ Texts are sampled in chunks of ``batch_size``; chunk ``i`` uses its own seeded
 generator, and finished chunks are kept in a cache folder named by the model's
 file digests and every setting, so that a re-run (or a longer run, or one after an
 interrupt) reuses them and a damaged chunk file is sampled again.
+
+Sampling is slow on a CPU (about 160 tokens/s for Gemma 3 270M on 2 cores: the 262k-word
+unembedding), so the chunks a build used can be shipped beside its SAEs (``ship``): a
+folder of chunk files and a record holding the model's file digests, the settings and
+each file's SHA-256. ``generate`` reads a shipped chunk instead of sampling it when the
+record is for this model and these settings and the file matches its SHA-256; sampling
+adds to the shipped texts over several runs, and builds on other machines read the
+same texts (a CPU's rounding would otherwise draw others).
 """
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
@@ -25,18 +34,20 @@ import torch
 from .architectures import architecture, submodule
 from .cache import CacheWarning, write_atomic
 from .checks import INT, POSITIVE, POSITIVE_INT, validate
-from .fingerprints import LIBRARIES, digest, folder_digest
+from .fingerprints import LIBRARIES, digest, file_digest, folder_digest
+from .gguf_model import RECORD_NAME as CONVERSION_RECORD
 
 # Bump when the sampling, the seeding or what a chunk holds changes: old chunks are then
 # sampled again rather than reused.
 GENERATION_FORMAT = 2
+SHIPPED_RECORD = "generated.json"
 
 
 @dataclass(frozen=True)
 class GenerationConfig:
     """How the texts are sampled; every field is part of the cache key."""
 
-    n_texts: int = 1536
+    n_texts: int = 3584             # as many as ship in data/gemma-3-270m/generated
     n_tokens: int = 127             # tokens sampled after BOS (rows of 128 with it)
     batch_size: int = 256           # texts per chunk (sampled together)
     temperature: float = 1.0
@@ -101,6 +112,66 @@ def chunk_folder(model_dir: str | Path, cfg: GenerationConfig, cache_dir: Path,
     return Path(cache_dir) / f"generated-{digest(key)}"
 
 
+def shipped_key(model_dir: str | Path, cfg: GenerationConfig) -> dict:
+    """What shipped texts must have been sampled from and with: the model's own files (a
+    converted model's record of the library versions that converted it left out) and
+    every setting but the number of texts."""
+    return {"format": GENERATION_FORMAT,
+            "model": folder_digest(Path(model_dir), exclude=(CONVERSION_RECORD,)),
+            **{k: v for k, v in asdict(cfg).items() if k != "n_texts"}}
+
+
+def _chunk_name(chunk: int) -> str:
+    return f"chunk_{chunk:04d}.safetensors"
+
+
+def _shipped_record(folder: Path, key: dict, writing: bool = False) -> dict:
+    """The record of the texts shipped in ``folder`` for ``key`` (empty when there are none).
+    Texts for another model or other settings, or an unreadable record: a warning when
+    reading (they are not used); an error when ``writing`` (they would be overwritten)."""
+    path = Path(folder) / SHIPPED_RECORD
+    if not path.is_file():
+        return {"key": key, "chunks": {}}
+    try:
+        record = json.loads(path.read_text())
+        other = record["key"]
+        record["chunks"]
+    except (ValueError, KeyError, TypeError) as error:
+        problem = f"{path} is unreadable ({type(error).__name__}: {error})"
+    else:
+        if other == key:
+            return record
+        changed = sorted(k for k in set(key) | set(other) if key.get(k) != other.get(k))
+        problem = (f"the texts shipped in {folder} were sampled with other "
+                   f"{', '.join(changed)} ({ {k: other.get(k) for k in changed} } there, "
+                   f"{ {k: key.get(k) for k in changed} } here)")
+    if writing:
+        raise ValueError(f"{problem}: shipping here would overwrite them; move that folder "
+                         "away, or ship to another output folder (--out)")
+    warnings.warn(CacheWarning(f"{problem}: they are not used, and the texts are sampled here"))
+    return {"key": key, "chunks": {}}
+
+
+def shipped_chunks(folder: str | Path | None, model_dir: str | Path,
+                   cfg: GenerationConfig) -> dict[int, Path]:
+    """Chunk number -> file of the texts shipped in ``folder`` for this model and these
+    settings, each file checked against the SHA-256 its record holds (a missing or
+    changed file is left out, with a warning, and sampled again)."""
+    if folder is None:
+        return {}
+    folder = Path(folder)
+    found = {}
+    for name, entry in _shipped_record(folder, shipped_key(model_dir, cfg))["chunks"].items():
+        path = folder / name
+        if not path.is_file() or file_digest(path) != entry["sha256"]:
+            warnings.warn(CacheWarning(
+                f"{path} is missing or is not the file {SHIPPED_RECORD} records (sha256 "
+                f"{entry['sha256'][:16]}...): it is sampled again"))
+            continue
+        found[int(name.removeprefix("chunk_").removesuffix(".safetensors"))] = path
+    return found
+
+
 def _load_chunk(path: Path, cfg: GenerationConfig) -> dict[str, torch.Tensor] | None:
     from safetensors.torch import load_file
 
@@ -108,6 +179,7 @@ def _load_chunk(path: Path, cfg: GenerationConfig) -> dict[str, torch.Tensor] | 
         return None
     try:
         tensors = load_file(str(path))
+        tensors["ids"] = tensors["ids"].long()          # shipped chunks hold int32
         ok = (tensors["ids"].shape == tensors["mask"].shape == (cfg.batch_size,
                                                                 cfg.n_tokens + 1))
     except Exception as error:          # truncated or garbage file: sample it again
@@ -120,18 +192,22 @@ def _load_chunk(path: Path, cfg: GenerationConfig) -> dict[str, torch.Tensor] | 
 
 
 def generate(model_dir: str | Path, cfg: GenerationConfig, cache_dir: Path,
-             device: str = "cpu", log=print) -> list[dict[str, torch.Tensor]]:
-    """Every chunk of ``cfg``, sampled or read from the cache (see module docstring)."""
+             device: str = "cpu", log=print, shipped: str | Path | None = None
+             ) -> list[dict[str, torch.Tensor]]:
+    """Every chunk of ``cfg``: read from the texts shipped in ``shipped``, else from the
+    cache, else sampled (see module docstring)."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = chunk_folder(model_dir, cfg, cache_dir, device)
     folder.mkdir(parents=True, exist_ok=True)
+    from_shipped = shipped_chunks(shipped, model_dir, cfg)
     model = tokenizer = None
     chunks = []
     for chunk in range(cfg.n_chunks):
-        path = folder / f"chunk_{chunk:04d}.safetensors"
-        tensors = _load_chunk(path, cfg)
+        path = folder / _chunk_name(chunk)
+        tensors = _load_chunk(from_shipped[chunk], cfg) if chunk in from_shipped else None
+        tensors = tensors if tensors is not None else _load_chunk(path, cfg)
         if tensors is None:
             if model is None:
                 tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -141,4 +217,52 @@ def generate(model_dir: str | Path, cfg: GenerationConfig, cache_dir: Path,
             write_atomic(path, lambda tmp: save_file(tensors, str(tmp)))
             log(f"sampled chunk {chunk + 1}/{cfg.n_chunks} -> {path.name}")
         chunks.append(tensors)
+    return chunks
+
+
+def _machine(device: str) -> str:
+    """The processor that sampled (a CPU's rounding decides which texts are drawn)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
+def ship(model_dir: str | Path, cfg: GenerationConfig, cache_dir: Path, folder: str | Path,
+         device: str = "cpu", log=print) -> list[dict[str, torch.Tensor]]:
+    """Every chunk of ``cfg`` (as ``generate``), written into ``folder`` with its record
+    where it is not there yet; chunks already shipped stay as they are. Each chunk file
+    is written atomically and the record after it, so an interrupt keeps what was done."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    key = shipped_key(model_dir, cfg)
+    _shipped_record(folder, key, writing=True)          # refuse before sampling anything
+    chunks = generate(model_dir, cfg, cache_dir, device, log, shipped=folder)
+    record = _shipped_record(folder, key, writing=True)
+    present = shipped_chunks(folder, model_dir, cfg)
+    versions = {"torch": torch.__version__, **{name: version(name) for name in LIBRARIES}}
+    for chunk, tensors in enumerate(chunks):
+        if chunk in present:
+            continue
+        name = _chunk_name(chunk)
+        small = {"ids": tensors["ids"].to(torch.int32), "mask": tensors["mask"]}  # ids < 2**31
+        write_atomic(folder / name, lambda tmp: save_file(small, str(tmp)))
+        record["chunks"][name] = {"sha256": file_digest(folder / name),
+                                  "tokens": int(tensors["mask"].sum()),
+                                  "sampled_on": {"processor": _machine(device),
+                                                 "device": torch.device(device).type,
+                                                 "versions": versions}}
+        record["chunks"] = dict(sorted(record["chunks"].items()))
+        record["texts"] = len(record["chunks"]) * cfg.batch_size
+        record["tokens"] = sum(entry["tokens"] for entry in record["chunks"].values())
+        text = json.dumps(record, indent=1) + "\n"
+        write_atomic(folder / SHIPPED_RECORD, lambda tmp: tmp.write_text(text))
+        log(f"shipped {name} to {folder}")
     return chunks

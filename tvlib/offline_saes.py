@@ -42,7 +42,7 @@ import torch
 
 from .cache import write_atomic
 from .fingerprints import code_fingerprint, digest
-from .generated_text import GenerationConfig, generate
+from .generated_text import GenerationConfig, generate, ship
 from .models import load_model, model_source
 from .paths import REPO_ROOT
 from .presets import get_preset
@@ -52,6 +52,7 @@ from .saes import check_sae_site
 
 MODEL_SOURCE = "model-written"        # the corpus's name for the model's own text
 HELDOUT_SETS = ("model-written", "prose")
+SHIPPED_TEXTS = "generated"           # the output folder's model-written texts
 TRAINED_FORMAT = 1      # bump when training changes: SAEs kept by earlier builds are retrained
 
 
@@ -172,9 +173,12 @@ class Prepared:
 
 
 def prepare(preset, cfg: BuildConfig, cache_dir: Path, device: str = "cpu",
-            prose: dict[str, list[str]] | None = None, log=print) -> Prepared:
+            prose: dict[str, list[str]] | None = None, log=print,
+            shipped: Path | None = None) -> Prepared:
     """Steps 1 and 2: the corpus, the training and held-out rows, their residual stores
-    (each step cached in ``cache_dir``: a re-run reads them)."""
+    (each step cached in ``cache_dir``: a re-run reads them). ``shipped``: the folder of
+    shipped model-written texts (tvlib.generated_text.ship), read where they match and
+    added to with what is sampled here; None: sampled texts are only cached."""
     from . import prose_text
 
     if not 0 <= cfg.model_share <= 1:
@@ -183,8 +187,11 @@ def prepare(preset, cfg: BuildConfig, cache_dir: Path, device: str = "cpu",
     layers = preset.resid_pre_layers_with_sae()
     seconds, start = {}, time.time()
     source = model_source(preset)
-    generation = dataclasses.replace(cfg.generation, n_tokens=cfg.context - 1)
-    chunks = generate(source, generation, cache_dir / "generated", device=device, log=log)
+    generation = _generation(cfg)
+    if shipped is None:
+        chunks = generate(source, generation, cache_dir / "generated", device=device, log=log)
+    else:
+        chunks = ship(source, generation, cache_dir / "generated", shipped, device, log)
     seconds["sampling"] = round(time.time() - start, 1)
     lm = load_model(preset, device=device)              # float32 on a CPU: the notebooks'
     tokenizer = lm.tokenizer
@@ -361,7 +368,7 @@ def build(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = BuildCon
     out_dir = Path(out_dir) if out_dir is not None else Path(preset.sae_dir).parent
     layers = preset.resid_pre_layers_with_sae()
     start = time.time()
-    prepared = prepare(preset, cfg, cache_dir, device, prose, log)
+    prepared = prepare(preset, cfg, cache_dir, device, prose, log, out_dir / SHIPPED_TEXTS)
     lm, stores, seconds = prepared.lm, prepared.stores, prepared.seconds
 
     t = time.time()
@@ -433,11 +440,11 @@ def build(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = BuildCon
                            "heldout_tokens": {n: int(r[1].sum()) for n, r in heldout_rows.items()},
                            "corpus_json_texts": len(corpus)},
                 "recording_dtype": prepared.dtype, "device": device, "sweep": sweep_rows,
-                "curve": curve,
+                "curves": [curve] if curve else [],
                 "saes": rows_out, "previous_saes": measured.get("previous"), "seconds": seconds,
                 "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
         if curve:
-            save_curve_figure(curve, scratch, preset.name)
+            save_curve_figure([curve], scratch, preset.name)
         (scratch / "card.json").write_text(json.dumps(card, indent=2) + "\n")
         (scratch / "MODEL_CARD.md").write_text(render_card(card, heldout_texts))
         _move_into(scratch, out_dir)
@@ -463,6 +470,7 @@ def _curve_record(prepared: Prepared, training: SAETrainingConfig, cfg: BuildCon
     """The card's record of ``token_curve``: its rows and the draw they are prefixes of."""
     rows = token_curve(prepared, training, cfg, cache_dir, log)
     return {"layer": rows[0]["layer"], "training": asdict(training),
+            "model_texts": prepared.generation.n_texts,
             "draw_tokens": int(prepared.train_rows[1].sum()), "model_share": cfg.model_share,
             "drawn": prepared.drawn, "rows": rows,
             "corpus": {"sha256": prepared.mix["sha256"],
@@ -471,13 +479,13 @@ def _curve_record(prepared: Prepared, training: SAETrainingConfig, cfg: BuildCon
             "residuals_per_second": _training_rate(rows)}
 
 
-def save_curve_figure(curve: dict, folder: Path, preset_name: str) -> Path:
-    """The curve as ``token_curve.png`` beside the card (linked from MODEL_CARD.md)."""
+def save_curve_figure(curves: list[dict], folder: Path, preset_name: str) -> Path:
+    """The curves as ``token_curve.png`` beside the card (linked from MODEL_CARD.md)."""
     import matplotlib.pyplot as plt
 
     from .plotting import FIGURE_DPI, plot_token_curve
 
-    fig = plot_token_curve(curve, TARGETS, title=f"{preset_name}: training-token curve")
+    fig = plot_token_curve(curves, TARGETS, title=f"{preset_name}: training-token curve")
     path = Path(folder) / CURVE_FIGURE
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight",
                                                dpi=FIGURE_DPI))
@@ -492,16 +500,28 @@ def _training_rate(rows: list[dict]) -> float:
     return sum(r["train_tokens"] * epochs for r in rows) / max(1e-9, sum(r["seconds"] for r in rows))
 
 
+def card_curves(card: dict) -> list[dict]:
+    """A card's training-token curves (cards written before there could be several held
+    one, under "curve", with the card's count of model-written texts)."""
+    if "curves" in card:
+        return card["curves"]
+    if card.get("curve"):
+        return [{"model_texts": card["build"]["generation"]["n_texts"], **card["curve"]}]
+    return []
+
+
 def add_curve(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = BuildConfig(),
               out_dir: Path | None = None, cache_dir: Path = REPO_ROOT / ".cache",
               device: str = "cpu", prose: dict[str, list[str]] | None = None,
-              log=print) -> dict:
-    """The training-token curve of the SAEs already built in ``out_dir``, added to their
+              log=print, model_texts: int | None = None) -> dict:
+    """A training-token curve of the SAEs already built in ``out_dir``, added to their
     card: the card's setting at ``cfg.sweep_layer``, on the first n of ``cfg.train_tokens``
-    freshly drawn training tokens, from the corpus the card's recipe gives here. Where
-    that corpus is not the card's (the model-written text is sampled again, and sampling
-    follows the CPU's rounding), the curve records its own SHA-256 and held-out sizes and
-    the card says so beside it. The SAEs are left as they are."""
+    freshly drawn training tokens, from the corpus the card's recipe gives here with
+    ``model_texts`` model-written texts (None: the card's count). Where that corpus is not
+    the card's (more texts; or text sampled again, as sampling follows the CPU's rounding),
+    the curve records its own SHA-256 and held-out sizes and the card says so beside it.
+    A curve with the same count of texts and setting is replaced; others are kept. The
+    SAEs are left as they are."""
     preset = get_preset(preset_name)
     out_dir = Path(out_dir) if out_dir is not None else Path(preset.sae_dir).parent
     card_path = out_dir / "card.json"
@@ -520,21 +540,46 @@ def add_curve(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = Buil
     same["prose_sources"] = tuple(built["prose_sources"]) if built["prose_sources"] else None
     generation = GenerationConfig(**{k: v for k, v in built["generation"].items()
                                      if k in GenerationConfig.__dataclass_fields__})
+    if model_texts is not None:
+        generation = dataclasses.replace(generation, n_texts=model_texts)
     cfg = dataclasses.replace(cfg, generation=generation, **same)
-    prepared = prepare(preset, cfg, cache_dir, device, prose, log)
+    prepared = prepare(preset, cfg, cache_dir, device, prose, log, out_dir / SHIPPED_TEXTS)
     if prepared.mix["sha256"] != card["corpus"]["sha256"]:
         log(f"the corpus built here ({prepared.mix['sha256'][:12]}) is not the card's "
             f"({card['corpus']['sha256'][:12]}): the curve is measured on its own held-out sets")
     training = SAETrainingConfig(**built.get("chosen_training", built["training"]))
     t = time.time()
-    card["curve"] = _curve_record(prepared, training, cfg, cache_dir, log)
+    curve = _curve_record(prepared, training, cfg, cache_dir, log)
+    curves = [c for c in card_curves(card) if (c["model_texts"], c["training"])
+              != (curve["model_texts"], curve["training"])]
+    card["curves"] = sorted([*curves, curve], key=lambda c: c["model_texts"])
+    card.pop("curve", None)
     card["seconds"]["curve"] = round(time.time() - t, 1)
     text = json.dumps(card, indent=2) + "\n"
     write_atomic(out_dir / "card.json", lambda tmp: tmp.write_text(text))
-    save_curve_figure(card["curve"], out_dir, preset.name)
+    save_curve_figure(card["curves"], out_dir, preset.name)
     rendered = render_card(card, prepared.heldout_texts)
     write_atomic(out_dir / "MODEL_CARD.md", lambda tmp: tmp.write_text(rendered))
     return card
+
+
+def _generation(cfg: BuildConfig) -> GenerationConfig:
+    """The sampling settings of a build: texts as long as a row after its BOS."""
+    return dataclasses.replace(cfg.generation, n_tokens=cfg.context - 1)
+
+
+def ship_texts(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = BuildConfig(),
+               out_dir: Path | None = None, cache_dir: Path = REPO_ROOT / ".cache",
+               device: str = "cpu", log=print) -> Path:
+    """Step 1's sampling alone: the build's model-written texts in the output folder's
+    ``generated/`` (those shipped there already are read, not sampled again), so that
+    sampling can be spread over several runs and a later build reads them. Returns
+    that folder."""
+    preset = get_preset(preset_name)
+    out_dir = Path(out_dir) if out_dir is not None else Path(preset.sae_dir).parent
+    folder = out_dir / SHIPPED_TEXTS
+    ship(model_source(preset), _generation(cfg), cache_dir / "generated", folder, device, log)
+    return folder
 
 
 def _previous_saes(preset, layers, lm) -> dict:
@@ -682,8 +727,11 @@ def render_card(card: dict, heldout_texts: dict[str, list[str]]) -> str:
                              f"{m['l0']:.1f} | {m['dead_fraction']:.3f} | "
                              f"{m['delta_loss']:+.3f} | {m['recovered']:.3f} | "
                              f"{row['seconds']:.0f} |")
-    if card.get("curve"):
-        lines += ["", *_curve_lines(card["curve"], card["corpus"])]
+    curves = card_curves(card)
+    if curves:
+        lines += ["", "## Training-token curve", "", f"![Training-token curve]({CURVE_FIGURE})"]
+        for curve in curves:
+            lines += ["", *_curve_lines(curve, card)]
     if card.get("previous_saes"):
         lines += ["", "The SAEs these replaced, measured the same way:", ""]
         lines += _table([{"layer": int(layer), **m} for layer, m in card["previous_saes"].items()])
@@ -710,19 +758,21 @@ def tokens_to_target(rows: list[dict], heldout: str, points: int = 3) -> float |
     return 2 ** (mx + (TARGETS["delta_loss"] - my) / slope)
 
 
-def _curve_lines(curve: dict, corpus: dict) -> list[str]:
-    t = curve["training"]
+def _curve_lines(curve: dict, card: dict) -> list[str]:
+    t, corpus = curve["training"], card["corpus"]
     own = curve.get("corpus", corpus)
+    texts, card_texts = curve["model_texts"], card["build"]["generation"]["n_texts"]
     if own["sha256"] == corpus["sha256"]:
         where = "measured on the same held-out sets"
     else:
+        why = (f"it holds {texts} model-written texts, the card's {card_texts}"
+               if texts != card_texts else "the same recipe drew other texts here: sampling "
+               "follows the CPU's rounding, and packaged prose may differ")
         sizes = ", ".join(f"{n}: {own['heldout_tokens'][n]} tokens" for n in HELDOUT_SETS)
-        where = ("measured on the held-out sets of a corpus that the same recipe gave on "
-                 "another machine, not the card's corpus (the model-written text is sampled "
-                 "again, and sampling follows the CPU's rounding): SHA-256 "
-                 f"`{own['sha256']}`, held-out {sizes}. Its texts are not the card's, so "
-                 "compare its points with each other, and with the table above only roughly")
-    lines = ["## Training-token curve", "", f"![Training-token curve]({CURVE_FIGURE})", "",
+        where = ("measured on the held-out sets of a corpus the same recipe gave, not the "
+                 f"card's ({why}): SHA-256 `{own['sha256']}`, held-out {sizes}. Compare its "
+                 "points with each other, and with the table above only roughly")
+    lines = [f"### {texts} model-written texts", "",
              f"The setting above ({_settings(t)}) trained at resid_pre {curve['layer']} on the "
              f"first n of {curve['draw_tokens']} training tokens drawn like the SAEs' (about "
              f"{curve['model_share']:.0%} model-written rows, shuffled in with the prose; "
@@ -751,6 +801,10 @@ def _curve_lines(curve: dict, corpus: dict) -> list[str]:
                          "target")
             continue
         needed = tokens_to_target(curve["rows"], name)
+        if needed is None and len(curve["rows"]) < 2:
+            lines.append(f"- {name}: Δ loss {delta:+.3f}, {delta - TARGETS['delta_loss']:.3f} "
+                         "nats over the target (one point: no line to extrapolate)")
+            continue
         if needed is None:
             lines.append(f"- {name}: Δ loss {delta:+.3f}, {delta - TARGETS['delta_loss']:.3f} "
                          "nats over the target; it does not fall over the last points, so more "
@@ -768,8 +822,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m tvlib.offline_saes", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="gemma-3-270m-offline")
-    parser.add_argument("--texts", type=int, default=GenerationConfig.n_texts,
-                        help="model-written texts to sample (a multiple of the chunk size)")
+    parser.add_argument("--texts", type=int, default=None,
+                        help="model-written texts to sample, a multiple of the chunk size "
+                             f"(default: {GenerationConfig.n_texts}; with --curve-only, the "
+                             "card's)")
     parser.add_argument("--train-tokens", type=int, default=BuildConfig.train_tokens,
                         help="training residuals at most")
     default = BuildConfig().training
@@ -788,19 +844,26 @@ def main(argv=None):
     parser.add_argument("--curve-only", action="store_true",
                         help="add the --curve to the card of the SAEs already built, without "
                              "training the layers again (the corpus must be the card's)")
+    parser.add_argument("--texts-only", action="store_true",
+                        help="sample --texts model-written texts (reading those shipped or "
+                             "cached), ship them to the output folder's generated/, and stop")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--cache", type=Path, default=REPO_ROOT / ".cache",
                         help="where sampled text and recorded residuals are kept")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    cfg = BuildConfig(generation=GenerationConfig(n_texts=args.texts),
+    texts = args.texts if args.texts is not None else GenerationConfig.n_texts
+    cfg = BuildConfig(generation=GenerationConfig(n_texts=texts),
                       training=dataclasses.replace(default, width=args.width, k=args.k,
                                                    epochs=args.epochs, lr=args.lr,
                                                    batch_tokens=args.batch_tokens),
                       sweep=() if args.no_sweep else SWEEP, sweep_tokens=args.sweep_tokens,
                       train_tokens=args.train_tokens, curve_tokens=tuple(args.curve))
-    if args.curve_only:
-        add_curve(args.preset, cfg, args.out, cache_dir=args.cache, device=args.device)
+    if args.texts_only:
+        ship_texts(args.preset, cfg, args.out, cache_dir=args.cache, device=args.device)
+    elif args.curve_only:
+        add_curve(args.preset, cfg, args.out, cache_dir=args.cache, device=args.device,
+                  model_texts=args.texts)
     else:
         build(args.preset, cfg, args.out, cache_dir=args.cache, device=args.device)
 

@@ -368,28 +368,36 @@ def plot_further_experiments(early: pd.DataFrame, sentences: pd.DataFrame | None
     return fig
 
 
-def plot_token_curve(curve: dict, targets: dict, title: str = ""):
-    """An offline SAE build's training-token curve (``offline_saes.token_curve``): Δ loss
-    and FVU against training tokens on each held-out set, the card's targets dashed."""
-    rows = sorted(curve["rows"], key=lambda r: r["train_tokens"])
-    tokens = [r["train_tokens"] for r in rows]
-    heldout = [k for k in rows[0] if isinstance(rows[0][k], dict) and "fvu" in rows[0][k]]
+def plot_token_curve(curves: list[dict], targets: dict, title: str = ""):
+    """An offline SAE build's training-token curves (``offline_saes.token_curve``): Δ loss
+    and FVU against training tokens on each held-out set (one colour each), one line style
+    per curve (labelled by its count of model-written texts), the card's targets dashed."""
+    styles = ("-", "--", ":", "-.")
+    everything = sorted({r["train_tokens"] for c in curves for r in c["rows"]})
     with styled():
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
         for ax, metric, label in ((axes[0], "delta_loss", "Δ next-token loss (nats)"),
                                   (axes[1], "fvu", "FVU")):
-            for name in heldout:
-                ax.plot(tokens, [r[name][metric] for r in rows], marker="o", label=name)
+            for index, curve in enumerate(curves):
+                rows = sorted(curve["rows"], key=lambda r: r["train_tokens"])
+                tokens = [r["train_tokens"] for r in rows]
+                heldout = [k for k in rows[0] if isinstance(rows[0][k], dict)
+                           and "fvu" in rows[0][k]]
+                for colour, name in enumerate(heldout):
+                    ax.plot(tokens, [r[name][metric] for r in rows], marker="o",
+                            color=f"C{colour}", linestyle=styles[index % len(styles)],
+                            label=f"{name}, {curve['model_texts']} model texts")
             ax.axhline(targets[metric], color="grey", linestyle="--", linewidth=1,
                        label="target")
             ax.set_xscale("log", base=2)
-            ax.set_xticks(tokens, [f"{n / 1e6:g}M" if n >= 1e6 else f"{n / 1e3:g}k"
-                                   for n in tokens])
+            ax.set_xticks(everything, [f"{n / 1e6:g}M" if n >= 1e6 else f"{n / 1e3:g}k"
+                                       for n in everything])
             ax.minorticks_off()
             ax.set_xlabel("training tokens")
             ax.set_ylabel(label)
-        axes[0].legend(fontsize=7)
-        axes[0].set_title(f"SAE spliced in at resid_pre {curve['layer']}")
+        axes[0].legend(fontsize=6)
+        layers = sorted({c["layer"] for c in curves})
+        axes[0].set_title(f"SAE spliced in at resid_pre {', '.join(map(str, layers))}")
         axes[1].set_title("fraction of variance unexplained")
         if title:
             fig.suptitle(title)
