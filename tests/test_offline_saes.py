@@ -88,8 +88,16 @@ def test_shipped_texts_are_read_instead_of_sampled_and_added_to(tmp_path):
     ship(TOY_MODEL, longer, tmp_path / "other-cache", shipped, log=messages.append)
     assert messages == ["sampled chunk 3/3 -> chunk_0002.safetensors",
                         f"shipped chunk_0002.safetensors to {shipped}"]
+
+    # an interrupt keeps the chunks shipped before it
+    def interrupt(message):
+        if message.startswith("sampled chunk 5"):
+            raise KeyboardInterrupt
+    longest = GenerationConfig(**{**SMALL.__dict__, "n_texts": 15})
+    with pytest.raises(KeyboardInterrupt):
+        ship(TOY_MODEL, longest, tmp_path / "other-cache", shipped, log=interrupt)
+    assert json.loads((shipped / SHIPPED_RECORD).read_text())["texts"] == 12
     assert (shipped / "chunk_0000.safetensors").stat().st_mtime_ns == kept
-    assert json.loads((shipped / SHIPPED_RECORD).read_text())["texts"] == 9
 
 
 def test_shipped_texts_that_do_not_match_are_refused_and_sampled(tmp_path):

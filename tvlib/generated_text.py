@@ -192,10 +192,11 @@ def _load_chunk(path: Path, cfg: GenerationConfig) -> dict[str, torch.Tensor] | 
 
 
 def generate(model_dir: str | Path, cfg: GenerationConfig, cache_dir: Path,
-             device: str = "cpu", log=print, shipped: str | Path | None = None
-             ) -> list[dict[str, torch.Tensor]]:
+             device: str = "cpu", log=print, shipped: str | Path | None = None,
+             on_chunk=None) -> list[dict[str, torch.Tensor]]:
     """Every chunk of ``cfg``: read from the texts shipped in ``shipped``, else from the
-    cache, else sampled (see module docstring)."""
+    cache, else sampled (see module docstring). ``on_chunk(chunk, tensors)`` is called as
+    each chunk is ready."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -216,6 +217,8 @@ def generate(model_dir: str | Path, cfg: GenerationConfig, cache_dir: Path,
             tensors = sample_chunk(model, tokenizer, cfg, chunk)
             write_atomic(path, lambda tmp: save_file(tensors, str(tmp)))
             log(f"sampled chunk {chunk + 1}/{cfg.n_chunks} -> {path.name}")
+        if on_chunk is not None:
+            on_chunk(chunk, tensors)
         chunks.append(tensors)
     return chunks
 
@@ -237,20 +240,20 @@ def _machine(device: str) -> str:
 def ship(model_dir: str | Path, cfg: GenerationConfig, cache_dir: Path, folder: str | Path,
          device: str = "cpu", log=print) -> list[dict[str, torch.Tensor]]:
     """Every chunk of ``cfg`` (as ``generate``), written into ``folder`` with its record
-    where it is not there yet; chunks already shipped stay as they are. Each chunk file
-    is written atomically and the record after it, so an interrupt keeps what was done."""
+    where it is not there yet, as soon as it is ready; chunks already shipped stay as they
+    are. Each chunk file is written atomically and the record after it, so an interrupt
+    keeps every chunk finished before it."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     key = shipped_key(model_dir, cfg)
-    _shipped_record(folder, key, writing=True)          # refuse before sampling anything
-    chunks = generate(model_dir, cfg, cache_dir, device, log, shipped=folder)
-    record = _shipped_record(folder, key, writing=True)
+    record = _shipped_record(folder, key, writing=True)   # refuse before sampling anything
     present = shipped_chunks(folder, model_dir, cfg)
     versions = {"torch": torch.__version__, **{name: version(name) for name in LIBRARIES}}
-    for chunk, tensors in enumerate(chunks):
+
+    def keep(chunk: int, tensors: dict[str, torch.Tensor]) -> None:
         if chunk in present:
-            continue
+            return
         name = _chunk_name(chunk)
         small = {"ids": tensors["ids"].to(torch.int32), "mask": tensors["mask"]}  # ids < 2**31
         write_atomic(folder / name, lambda tmp: save_file(small, str(tmp)))
@@ -265,4 +268,5 @@ def ship(model_dir: str | Path, cfg: GenerationConfig, cache_dir: Path, folder: 
         text = json.dumps(record, indent=1) + "\n"
         write_atomic(folder / SHIPPED_RECORD, lambda tmp: tmp.write_text(text))
         log(f"shipped {name} to {folder}")
-    return chunks
+
+    return generate(model_dir, cfg, cache_dir, device, log, shipped=folder, on_chunk=keep)
