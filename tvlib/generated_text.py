@@ -12,8 +12,8 @@ generator, and finished chunks are kept in a cache folder named by the model's
 file digests and every setting, so that a re-run (or a longer run, or one after an
 interrupt) reuses them and a damaged chunk file is sampled again.
 
-Sampling is slow on a CPU (about 160 tokens/s for Gemma 3 270M on 2 cores: the 262k-word
-unembedding), so the chunks a build used can be shipped beside its SAEs (``ship``): a
+Sampling is slow on a CPU (85-130 tokens/s for Gemma 3 270M on 2 cores, most of it the
+262k-word unembedding), so the chunks a build used can be shipped beside its SAEs (``ship``): a
 folder of chunk files and a record holding the model's file digests, the settings and
 each file's SHA-256. ``generate`` reads a shipped chunk instead of sampling it when the
 record is for this model and these settings and the file matches its SHA-256; sampling
