@@ -170,15 +170,18 @@ class Prepared:
     stores: dict                        # {"train" or held-out set: store folder}
     dtype: str                          # the recording's
     seconds: dict
+    device: str = "cpu"                 # where the model runs and the SAEs train
 
 
 def prepare(preset, cfg: BuildConfig, cache_dir: Path, device: str = "cpu",
             prose: dict[str, list[str]] | None = None, log=print,
-            shipped: Path | None = None) -> Prepared:
+            shipped: Path | None = None, prose_records: list[dict] | None = None) -> Prepared:
     """Steps 1 and 2: the corpus, the training and held-out rows, their residual stores
     (each step cached in ``cache_dir``: a re-run reads them). ``shipped``: the folder of
     shipped model-written texts (tvlib.generated_text.ship), read where they match and
-    added to with what is sampled here; None: sampled texts are only cached."""
+    added to with what is sampled here; None: sampled texts are only cached.
+    ``prose_records``: the records of the sources ``prose`` holds (a prose bundle's,
+    ``prose_text.read_bundle``); without them given prose is recorded as given."""
     from . import prose_text
 
     if not 0 <= cfg.model_share <= 1:
@@ -200,6 +203,11 @@ def prepare(preset, cfg: BuildConfig, cache_dir: Path, device: str = "cpu",
         prose_text.install_sources(names)
         prose = {name: prose_text.prose_documents(name) for name in names}
         records = [prose_text.source_record(name) for name in names]
+    elif prose_records is not None:
+        if sorted(r["name"] for r in prose_records) != sorted(prose):
+            raise ValueError(f"prose_records name {sorted(r['name'] for r in prose_records)}, "
+                             f"the prose {sorted(prose)}: pass the records of these sources")
+        records = prose_records
     else:
         records = [{"name": name, "documents": len(docs), "given": True}
                    for name, docs in prose.items()]
@@ -225,12 +233,15 @@ def prepare(preset, cfg: BuildConfig, cache_dir: Path, device: str = "cpu",
     recorder = lm if dtype == "float32" else load_model(preset, device=device, dtype=dtype)
     log(f"recording {int(train_rows[1].sum())} training residuals at resid_pre {list(layers)} "
         f"in {dtype}")
-    stores = {"train": record(recorder, *train_rows, layers, cache_dir / "residuals")}
+    batch = 16 if device == "cpu" else 128      # rows per forward (the store is the same)
+    stores = {"train": record(recorder, *train_rows, layers, cache_dir / "residuals",
+                              batch_size=batch)}
     for name, (rows, mask) in heldout_rows.items():
-        stores[name] = record(recorder, rows, mask, layers, cache_dir / "residuals")
+        stores[name] = record(recorder, rows, mask, layers, cache_dir / "residuals",
+                              batch_size=batch)
     seconds["recording"] = round(time.time() - t, 1)
     return Prepared(preset, lm, generation, mix, records, train_rows, drawn, heldout_texts,
-                    heldout_rows, stores, dtype, seconds)
+                    heldout_rows, stores, dtype, seconds, device)
 
 
 def trained_folder(store: Path, layer: int, training: SAETrainingConfig, cache_dir: Path,
@@ -247,10 +258,11 @@ MEASURE_MODULES = ("sae_training.py", "models.py", "architectures.py")
 
 
 def trained_sae(store: Path, layer: int, training: SAETrainingConfig, cache_dir: Path,
-                n_residuals: int | None = None, log=print):
+                n_residuals: int | None = None, log=print, device: str = "cpu"):
     """The SAE ``training`` gives on the store's residuals at resid_pre ``layer`` (its first
-    ``n_residuals`` only, if given; the store's rows are in random order). Each trained
-    SAE is kept in ``cache_dir/trained`` as it finishes: an interrupted build keeps it."""
+    ``n_residuals`` only, if given; the store's rows are in random order), trained on
+    ``device``. Each trained SAE is kept in ``cache_dir/trained`` as it finishes: an
+    interrupted build keeps it."""
     hook = f"blocks.{layer - 1}.hook_resid_post"         # resid_post block = resid_pre - 1
     trained = trained_folder(store, layer, training, cache_dir, n_residuals)
     if (trained / "cfg.json").is_file():
@@ -263,7 +275,8 @@ def trained_sae(store: Path, layer: int, training: SAETrainingConfig, cache_dir:
             raise ValueError(f"n_residuals={n_residuals}: the store holds {resid.shape[0]}")
         resid = resid[:n_residuals]
     log(f"resid_pre {layer}: training on {resid.shape[0]} residuals ({_settings(training)})")
-    return save_sae(train_sae(resid, hook, training, log=log), trained, training.save_dtype)
+    sae = train_sae(resid, hook, training, log=log, device=device)
+    return save_sae(sae, trained, training.save_dtype)
 
 
 def _measured_sae(prepared: Prepared, layer: int, training: SAETrainingConfig, n: int,
@@ -272,7 +285,8 @@ def _measured_sae(prepared: Prepared, layer: int, training: SAETrainingConfig, n
     """``training`` at resid_pre ``layer`` on the first ``n`` training residuals, measured
     on both held-out sets; kept beside the trained SAE so a resumed build reuses it."""
     t = time.time()
-    sae = trained_sae(prepared.stores["train"], layer, training, cache_dir, n, log=log)
+    sae = trained_sae(prepared.stores["train"], layer, training, cache_dir, n, log=log,
+                      device=prepared.device)
     record_path = trained_folder(prepared.stores["train"], layer, training, cache_dir,
                                  n) / "measured.json"
     key = {"stores": {name: Path(store).name for name, store in prepared.stores.items()},
@@ -347,13 +361,14 @@ def _settings(training: SAETrainingConfig | dict) -> str:
 
 def build(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = BuildConfig(),
           out_dir: Path | None = None, cache_dir: Path = REPO_ROOT / ".cache",
-          device: str = "cpu", prose: dict[str, list[str]] | None = None, log=print) -> dict:
+          device: str = "cpu", prose: dict[str, list[str]] | None = None, log=print,
+          prose_records: list[dict] | None = None) -> dict:
     """Build the preset's SAEs and corpus into ``out_dir`` (default: the preset's folder).
 
     With ``cfg.sweep``, its settings are measured first at one layer on part of the
     training tokens and the best (lowest mean Δ loss) trains every layer; without,
     ``cfg.training`` does. prose: {source: documents} instead of the packaged sources
-    (your own text, tests).
+    (your own text, tests; with ``prose_records``, a prose bundle's).
     """
     preset = get_preset(preset_name)
     if preset.sae_dir is None or preset.sae_site != "resid_post":
@@ -368,7 +383,8 @@ def build(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = BuildCon
     out_dir = Path(out_dir) if out_dir is not None else Path(preset.sae_dir).parent
     layers = preset.resid_pre_layers_with_sae()
     start = time.time()
-    prepared = prepare(preset, cfg, cache_dir, device, prose, log, out_dir / SHIPPED_TEXTS)
+    prepared = prepare(preset, cfg, cache_dir, device, prose, log, out_dir / SHIPPED_TEXTS,
+                       prose_records)
     lm, stores, seconds = prepared.lm, prepared.stores, prepared.seconds
 
     t = time.time()
@@ -392,7 +408,8 @@ def build(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = BuildCon
             block = layer - 1
             training = dataclasses.replace(chosen, seed=chosen.seed + layer)
             means[layer] = read_layer(stores["train"], layer).mean(0, dtype=torch.float32)
-            sae = trained_sae(stores["train"], layer, training, cache_dir, log=log)
+            sae = trained_sae(stores["train"], layer, training, cache_dir, log=log,
+                              device=device)
             sae.cfg.metadata.model_name = preset.name
             # measured as saved (matrices in save_dtype), not as trained
             folders[layer] = scratch / "saes" / preset.sae_id.format(layer=block)
@@ -513,7 +530,8 @@ def card_curves(card: dict) -> list[dict]:
 def add_curve(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = BuildConfig(),
               out_dir: Path | None = None, cache_dir: Path = REPO_ROOT / ".cache",
               device: str = "cpu", prose: dict[str, list[str]] | None = None,
-              log=print, model_texts: int | None = None) -> dict:
+              log=print, model_texts: int | None = None,
+              prose_records: list[dict] | None = None) -> dict:
     """A training-token curve of the SAEs already built in ``out_dir``, added to their
     card: the card's setting at ``cfg.sweep_layer``, on the first n of ``cfg.train_tokens``
     freshly drawn training tokens, from the corpus the card's recipe gives here with
@@ -543,7 +561,8 @@ def add_curve(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = Buil
     if model_texts is not None:
         generation = dataclasses.replace(generation, n_texts=model_texts)
     cfg = dataclasses.replace(cfg, generation=generation, **same)
-    prepared = prepare(preset, cfg, cache_dir, device, prose, log, out_dir / SHIPPED_TEXTS)
+    prepared = prepare(preset, cfg, cache_dir, device, prose, log, out_dir / SHIPPED_TEXTS,
+                       prose_records)
     if prepared.mix["sha256"] != card["corpus"]["sha256"]:
         log(f"the corpus built here ({prepared.mix['sha256'][:12]}) is not the card's "
             f"({card['corpus']['sha256'][:12]}): the curve is measured on its own held-out sets")
@@ -848,6 +867,9 @@ def main(argv=None):
                         help="sample --texts model-written texts (reading those shipped or "
                              "cached), ship them to the output folder's generated/, and stop")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--prose-bundle", type=Path, default=None, metavar="FILE",
+                        help="read the prose from FILE (python -m tvlib.prose_text --export "
+                             "FILE, on a machine with the packages) instead of the packages")
     parser.add_argument("--cache", type=Path, default=REPO_ROOT / ".cache",
                         help="where sampled text and recorded residuals are kept")
     parser.add_argument("--out", type=Path, default=None)
@@ -859,13 +881,18 @@ def main(argv=None):
                                                    batch_tokens=args.batch_tokens),
                       sweep=() if args.no_sweep else SWEEP, sweep_tokens=args.sweep_tokens,
                       train_tokens=args.train_tokens, curve_tokens=tuple(args.curve))
+    from . import prose_text
+
+    prose, records = (prose_text.read_bundle(args.prose_bundle) if args.prose_bundle
+                      else (None, None))
     if args.texts_only:
         ship_texts(args.preset, cfg, args.out, cache_dir=args.cache, device=args.device)
     elif args.curve_only:
         add_curve(args.preset, cfg, args.out, cache_dir=args.cache, device=args.device,
-                  model_texts=args.texts)
+                  model_texts=args.texts, prose=prose, prose_records=records)
     else:
-        build(args.preset, cfg, args.out, cache_dir=args.cache, device=args.device)
+        build(args.preset, cfg, args.out, cache_dir=args.cache, device=args.device,
+              prose=prose, prose_records=records)
 
 
 if __name__ == "__main__":

@@ -673,6 +673,65 @@ def source_record(name: str) -> dict:
             **extra}
 
 
+# ---------------------------------------------------------------------------- bundles
+
+BUNDLE_FORMAT = 1
+
+
+def _documents_sha256(docs) -> str:
+    h = hashlib.sha256()
+    for doc in docs:
+        b = doc.encode("utf-8")
+        h.update(len(b).to_bytes(8, "big") + b)
+    return h.hexdigest()
+
+
+def export_bundle(path: str | Path, names=None) -> Path:
+    """The named sources' (default: all) documents and records in one xz-compressed JSON
+    file, so the corpus can be built on a machine that lacks the packages (a GPU
+    server): ``read_bundle`` gives back what ``prose_documents`` and ``source_record``
+    give here."""
+    import lzma
+
+    from .cache import write_atomic
+
+    names = list(PROSE_SOURCES) if names is None else list(names)
+    sources = {}
+    for name in names:
+        docs = prose_documents(name)
+        sources[name] = {"record": source_record(name), "sha256": _documents_sha256(docs),
+                         "documents": docs}
+    data = lzma.compress(json.dumps({"format": BUNDLE_FORMAT, "sources": sources},
+                                    ensure_ascii=False).encode("utf-8"))
+    path = Path(path)
+    write_atomic(path, lambda tmp: tmp.write_bytes(data))
+    return path
+
+
+def read_bundle(path: str | Path) -> tuple[dict[str, list[str]], list[dict]]:
+    """({source: documents}, [source record]) from an ``export_bundle`` file, each
+    source's documents checked against the SHA-256 written beside them."""
+    import lzma
+
+    path = Path(path)
+    try:
+        bundle = json.loads(lzma.decompress(path.read_bytes()).decode("utf-8"))
+    except (OSError, lzma.LZMAError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable prose bundle ({error}): export it again "
+                         "with python -m tvlib.prose_text --export FILE") from None
+    if bundle.get("format") != BUNDLE_FORMAT:
+        raise ValueError(f"{path} has bundle format {bundle.get('format')!r}, not "
+                         f"{BUNDLE_FORMAT}: export it again with this version")
+    docs, records = {}, []
+    for name, source in bundle["sources"].items():
+        if _documents_sha256(source["documents"]) != source["sha256"]:
+            raise ValueError(f"{path}: the documents of {name!r} do not match their SHA-256 "
+                             "(the file is damaged): export it again")
+        docs[name] = source["documents"]
+        records.append(source["record"])
+    return docs, records
+
+
 # ---------------------------------------------------------------------------- the mix
 
 def _digest(train, heldout) -> str:
@@ -824,13 +883,19 @@ def main(argv=None) -> None:
     import argparse
     parser = argparse.ArgumentParser(prog="python -m tvlib.prose_text",
                                      description="Install the prose sources and print what "
-                                                 "each holds.")
+                                                 "each holds (or export them).")
     parser.add_argument("names", nargs="*", help=f"sources (default all: {list(PROSE_SOURCES)})")
     parser.add_argument("--no-install", action="store_true", help="only read what is there")
+    parser.add_argument("--export", type=Path, metavar="FILE",
+                        help="also write the sources' documents and records to FILE (xz "
+                             "JSON), for a build on a machine without the packages "
+                             "(python -m tvlib.offline_saes --prose-bundle FILE)")
     args = parser.parse_args(argv)
     names = args.names or list(PROSE_SOURCES)
     if not args.no_install:
         install_sources(names)
+    if args.export:
+        print(f"wrote {export_bundle(args.export, names)}")
     for name in names:
         print(json.dumps(source_record(name), ensure_ascii=False))
 

@@ -56,7 +56,8 @@ def residual_batches(resid: torch.Tensor, batch_tokens: int,
         raise ValueError(f"{n} residuals are fewer than one batch of {batch_tokens}: sample "
                          "more text or lower batch_tokens")
     while True:
-        order = torch.randperm(n, generator=generator)
+        # drawn on the CPU whatever ``resid``'s device: the same order everywhere
+        order = torch.randperm(n, generator=generator).to(resid.device)
         for start in range(0, n - batch_tokens + 1, batch_tokens):
             yield resid[order[start:start + batch_tokens]].float()
 
@@ -82,8 +83,10 @@ def _training_sae(cfg: SAETrainingConfig, d_in: int):
                      f"{ARCHITECTURES}")
 
 
-def train_sae(resid: torch.Tensor, hook_name: str, cfg: SAETrainingConfig, log=print):
-    """An SAE trained on ``resid`` (N, d); returns the inference SAE (BatchTopK is saved
+def train_sae(resid: torch.Tensor, hook_name: str, cfg: SAETrainingConfig, log=print,
+              device: str = "cpu"):
+    """An SAE trained on ``resid`` (N, d) on ``device`` ("cuda": the residuals move there
+    whole, in their own dtype); returns the inference SAE on the CPU (BatchTopK is saved
     as JumpReLU, gated stays gated)."""
     os.environ.setdefault("WANDB_MODE", "disabled")
     from sae_lens import SAE
@@ -92,17 +95,18 @@ def train_sae(resid: torch.Tensor, hook_name: str, cfg: SAETrainingConfig, log=p
 
     torch.manual_seed(cfg.seed)
     d_in = resid.shape[1]
-    sae = _training_sae(cfg, d_in)
+    sae = _training_sae(cfg, d_in).to(device)
     sae.cfg.metadata.hook_name = hook_name
     steps = cfg.epochs * (resid.shape[0] // cfg.batch_tokens)
     generator = torch.Generator().manual_seed(cfg.seed)
     sample = resid[torch.randperm(resid.shape[0], generator=generator)[:65536]].float()
+    resid = resid.to(device)
     trainer = SAETrainer(
         cfg=SAETrainerConfig(
             total_training_samples=steps * cfg.batch_tokens,
             train_batch_size_samples=cfg.batch_tokens, lr=cfg.lr, lr_end=cfg.lr / 10,
             lr_scheduler_name="cosineannealing", lr_warm_up_steps=min(100, steps // 10),
-            lr_decay_steps=0, device="cpu", dead_feature_window=max(50, steps // 10),
+            lr_decay_steps=0, device=device, dead_feature_window=max(50, steps // 10),
             feature_sampling_window=max(100, steps // 5), n_batches_for_norm_estimate=20,
             logger=LoggingConfig(log_to_wandb=False)),
         sae=sae,
@@ -113,7 +117,7 @@ def train_sae(resid: torch.Tensor, hook_name: str, cfg: SAETrainingConfig, log=p
     scaling = d_in ** 0.5 / sample.norm(dim=-1).mean().item()
     trainer.activation_scaler.scaling_factor = scaling
     with torch.no_grad():
-        sae.b_dec.copy_(sample.mean(0) * scaling)
+        sae.b_dec.copy_(sample.mean(0).to(device) * scaling)
     trained = trainer.fit()
     log(f"  {hook_name}: {steps} steps of {cfg.batch_tokens} residuals")
     # through sae-lens's own inference format: BatchTopK becomes JumpReLU there
