@@ -311,8 +311,17 @@ def test_build_writes_saes_corpus_and_card_beside_the_preset(tmp_path):
     shipped = json.loads((folder / "generated" / SHIPPED_RECORD).read_text())
     assert shipped["texts"] == 16 and len(shipped["chunks"]) == 2    # the texts it used
     messages = []    # a re-run elsewhere reads the shipped text; here, also the residuals
+    # (with the prose's records, as a prose bundle gives them: they go into the card)
+    records = [{"name": name, "kind": "pypi", "packages": {name: "1.0"}, "licence": "MIT",
+                "document": "one text", "documents": len(docs), "words": 7}
+               for name, docs in prose.items()]
+    with pytest.raises(ValueError, match="pass the records of these sources"):
+        build(str(folder), cfg, cache_dir=tmp_path / "cache", prose=prose,
+              log=messages.append, prose_records=records[:1])
     again = build(str(folder), cfg, cache_dir=tmp_path / "cache", prose=prose,
-                  log=messages.append)
+                  log=messages.append, prose_records=records)
+    assert again["corpus"]["records"] == records
+    assert "- facts (pypi: facts 1.0): MIT;" in (folder / "MODEL_CARD.md").read_text()
     assert not any("sampled chunk" in m for m in messages)
     assert not any("training on" in m for m in messages)     # trained SAEs kept as finished
     assert again["sweep"] == card["sweep"]    # its measurements reused, their seconds too
@@ -364,6 +373,20 @@ def test_the_loss_change_on_a_cuda_model_with_the_sae_on(sae_device, toy_lm):
                       rows, mask, mean)[2]
     for key, value in cpu.items():
         assert gpu[key] == pytest.approx(value, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_an_sae_trains_on_a_cuda_gpu_and_comes_back_on_the_cpu(toy_lm):
+    from tvlib.sae_training import text_residuals
+    ids = torch.tensor([[toy_lm.tokenizer.bos_token_id] + list(range(10, 70))] * 16)
+    resid = text_residuals(toy_lm, ids, [3])[3].to(torch.bfloat16)     # as a store holds
+    cfg = SAETrainingConfig(width=256, k=16, lr=3e-3, batch_tokens=120, epochs=10, seed=3)
+    sae = train_sae(resid, "blocks.2.hook_resid_post", cfg, log=lambda _: None, device="cuda")
+    assert sae.W_dec.device.type == "cpu"
+    on_cpu = train_sae(resid, "blocks.2.hook_resid_post", cfg, log=lambda _: None)
+    fvu = {name: sae_quality(s, resid.float())["fvu"] for name, s in
+           (("cuda", sae), ("cpu", on_cpu))}
+    assert fvu["cuda"] < 0.5 and fvu["cuda"] == pytest.approx(fvu["cpu"], abs=0.05)
 
 
 def test_a_card_written_with_one_curve_reads_as_a_list_of_curves():

@@ -252,3 +252,32 @@ def test_installed_source_gives_clean_documents(name):
     record = source_record(name)
     assert record["documents"] == len(docs) and record["characters"] == len(text)
     assert all(record["packages"].values())
+
+
+def test_a_bundle_gives_back_the_documents_and_records_and_refuses_damage(monkeypatch,
+                                                                          tmp_path):
+    import lzma
+    import json as json_
+    docs = {"wordnet": ["Paris: the capital of France.", "a second gloss"],
+            "kjv": ["In the beginning", "é and ü survive"]}
+    monkeypatch.setattr(prose_text, "prose_documents", lambda name: list(docs[name]))
+    monkeypatch.setattr(prose_text, "source_record",
+                        lambda name: {"name": name, "documents": len(docs[name])})
+    path = prose_text.export_bundle(tmp_path / "prose.json.xz", ["wordnet", "kjv"])
+    read, records = prose_text.read_bundle(path)
+    assert read == docs
+    assert records == [{"name": "wordnet", "documents": 2}, {"name": "kjv", "documents": 2}]
+    bundle = json_.loads(lzma.decompress(path.read_bytes()))
+    bundle["sources"]["kjv"]["documents"][1] = "edited"
+    edited = tmp_path / "edited.json.xz"
+    edited.write_bytes(lzma.compress(json_.dumps(bundle).encode()))
+    with pytest.raises(ValueError, match="'kjv' do not match their SHA-256"):
+        prose_text.read_bundle(edited)
+    bundle["format"] = 99
+    edited.write_bytes(lzma.compress(json_.dumps(bundle).encode()))
+    with pytest.raises(ValueError, match="bundle format 99"):
+        prose_text.read_bundle(edited)
+    cut = tmp_path / "cut.json.xz"
+    cut.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(ValueError, match="not a readable prose bundle"):
+        prose_text.read_bundle(cut)

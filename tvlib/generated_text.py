@@ -70,11 +70,14 @@ def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator
 
     torch.multinomial over a 262k-token vocabulary costs more than the model's step
     on a CPU; a cumulative sum and a binary search draw from the same distribution.
+    The uniforms come from the CPU ``generator``; the rest runs where the logits are
+    (on a GPU, moving (B, 262k) logits to the CPU each step costs more than the step).
+    Returns (B, 1) ids on the CPU.
     """
     probs = torch.softmax(logits.float() / temperature, dim=-1)          # (B, V)
     cdf = probs.cumsum(dim=-1)
-    u = torch.rand(cdf.shape[0], 1, generator=generator) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u).clamp_(max=cdf.shape[1] - 1)       # (B, 1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator).to(cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).clamp_(max=cdf.shape[1] - 1).cpu()  # (B, 1)
 
 
 @torch.no_grad()
@@ -92,7 +95,7 @@ def sample_chunk(model, tokenizer, cfg: GenerationConfig, chunk: int) -> dict[st
     for _ in range(cfg.n_tokens):
         out = body(input_ids=ids[:, -1:].to(device), past_key_values=past, use_cache=True)
         past = out.past_key_values
-        logits = head(out.last_hidden_state[:, -1]).float().cpu()         # (B, V)
+        logits = head(out.last_hidden_state[:, -1]).float()               # (B, V)
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         ids = torch.cat([ids, _sample(logits, cfg.temperature, generator)], dim=1)
