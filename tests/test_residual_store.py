@@ -51,7 +51,7 @@ def test_recorded_residuals_are_the_models_hidden_states(tmp_path, toy_lm, word_
 def test_an_interrupted_recording_resumes_and_damaged_chunks_are_recorded_again(
         tmp_path, toy_lm, word_tokenizer, monkeypatch):
     rows, mask = text_rows(word_tokenizer, TEXTS, length=24)
-    from tvlib import interventions
+    from tvlib import residual_store
     calls, armed = [], [True]
 
     def interrupted(*args, **kwargs):
@@ -61,8 +61,8 @@ def test_an_interrupted_recording_resumes_and_damaged_chunks_are_recorded_again(
             raise Interrupted
         return real_collect(*args, **kwargs)
 
-    real_collect = interventions.collect_residuals
-    monkeypatch.setattr(interventions, "collect_residuals", interrupted)
+    real_collect = residual_store.counted_residuals
+    monkeypatch.setattr(residual_store, "counted_residuals", interrupted)
     with pytest.raises(Interrupted):
         record(toy_lm, rows, mask, [2], tmp_path, batch_size=4, chunk_rows=8, progress=False)
     folder = store_folder(toy_lm, rows, mask, [2], tmp_path, 8)

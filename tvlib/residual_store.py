@@ -128,6 +128,27 @@ def _read_chunk(path: Path, layers, n_tokens: int, d: int) -> dict[str, torch.Te
     return tensors
 
 
+def counted_residuals(lm, ids: torch.Tensor, counted: torch.Tensor,
+                      layers) -> list[torch.Tensor]:
+    """Per layer of ``layers`` (resid_pre, checked): the residuals (n, d) in bfloat16 of
+    the ``counted`` (B, T) positions of ``ids`` (B, T), in row-major order, on the CPU.
+    One trace, stopped after the last layer; positions are selected and rounded where
+    the model runs, so a GPU sends back only what is kept (a quarter of the float32
+    block)."""
+    from .models import check_layers, model_device, resid_pre, trace
+
+    layers = check_layers(lm, layers)
+    in_order = sorted(set(layers))      # a trace visits modules in forward order
+    where = counted.to(model_device(lm))
+    saved = []   # filled inside the trace (names bound there are not closure-safe)
+    with torch.no_grad():
+        with trace(lm, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}) as tracer:
+            for layer in in_order:
+                saved.append(resid_pre(lm, layer)[where].to(torch.bfloat16).save())
+            tracer.stop()
+    return [saved[in_order.index(layer)].cpu() for layer in layers]
+
+
 def record(lm, rows: torch.Tensor, mask: torch.Tensor, layers, cache_dir: Path,
            batch_size: int = 16, chunk_rows: int = 512, progress: bool = True) -> Path:
     """Record the residuals of ``rows`` at resid_pre ``layers`` into the store; returns
@@ -135,7 +156,7 @@ def record(lm, rows: torch.Tensor, mask: torch.Tensor, layers, cache_dir: Path,
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from .interventions import check_batch_size, collect_residuals
+    from .interventions import check_batch_size
     from .models import check_layers, d_model
 
     layers = check_layers(lm, layers)
@@ -159,15 +180,12 @@ def record(lm, rows: torch.Tensor, mask: torch.Tensor, layers, cache_dir: Path,
     for chunk in todo:
         ids = rows[chunk * chunk_rows:(chunk + 1) * chunk_rows]                 # (R, T)
         counted = mask[chunk * chunk_rows:(chunk + 1) * chunk_rows]
-        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        positions = torch.arange(ids.shape[1]).expand_as(ids)
         parts = {layer: [] for layer in layers}
         for start in range(0, ids.shape[0], batch_size):
             part = slice(start, start + batch_size)
-            resid = collect_residuals(lm, {k: v[part] for k, v in inputs.items()}, layers,
-                                      positions[part], batch_size)             # (L, b, T, d)
-            for i, layer in enumerate(layers):
-                parts[layer].append(resid[i][counted[part]].to(torch.bfloat16))
+            kept = counted_residuals(lm, ids[part], counted[part], layers)
+            for layer, resid in zip(layers, kept):
+                parts[layer].append(resid)
             bar.update(int(counted[part].sum()))
         tensors = {f"resid_{layer}": torch.cat(parts[layer]).contiguous() for layer in layers}
         for name, tensor in tensors.items():
