@@ -16,7 +16,8 @@ from tvlib.models import load_model
 from tvlib.saes import load_sae
 from tvlib.offline_saes import BuildConfig, build, choose, training_rows
 from tvlib.paths import TOY_DIR
-from tvlib.sae_training import SAETrainingConfig, loss_change, sae_quality, save_sae, train_sae
+from tvlib.sae_training import (SAETrainingConfig, feature_density, loss_change, sae_quality,
+                                save_sae, train_sae)
 from tvlib.standins import make_standin
 
 TOY_MODEL = TOY_DIR / "model"
@@ -170,6 +171,9 @@ def test_card_measurements_on_an_sae_that_reconstructs_exactly(toy_lm):
     assert quality["fvu"] < 1e-10 and quality["n_tokens"] == 50
     assert quality["l0"] == pytest.approx((x != 0).sum(1).float().mean().item())
     assert quality["dead_fraction"] == pytest.approx(6 / 256)
+    density = feature_density(sae, x, batch=16)
+    torch.testing.assert_close(density, (sae.encode(x) > 0).float().mean(0))
+    assert (density == 0).sum() == 6
     rows = toy_lm.tokenizer(["<bos> hot -> cold \n big -> small \n up -> down"] * 3,
                             add_special_tokens=False, return_tensors="pt")["input_ids"]
     mask = torch.ones_like(rows, dtype=torch.bool)
@@ -294,6 +298,9 @@ def test_build_writes_saes_corpus_and_card_beside_the_preset(tmp_path):
         for name in ("model-written", "prose"):
             m = row[name]
             assert 0 <= m["dead_fraction"] <= 1 and m["fvu"] >= 0
+            # dead: counted on the first training residuals (all of them here: < 1M)
+            assert 0 <= m["dead_in_training"] <= 1
+            assert m["dead_tokens"] == card["corpus"]["train_tokens"]
             assert m["recovered"] == pytest.approx(
                 (m["loss_mean_ablated"] - m["loss_sae"])
                 / (m["loss_mean_ablated"] - m["loss_clean"]))
@@ -306,7 +313,7 @@ def test_build_writes_saes_corpus_and_card_beside_the_preset(tmp_path):
     assert not list(folder.glob("*-previous"))
     text = (folder / "MODEL_CARD.md").read_text()
     assert f"| 1 | prose | {chosen.width} |" in text and "The SAEs these replaced" in text
-    assert "## Sweep" in text
+    assert "## Sweep" in text and "| dead | silent |" in text
     assert lm.preset.name == "gemma-3-270m-offline-standin"
     shipped = json.loads((folder / "generated" / SHIPPED_RECORD).read_text())
     assert shipped["texts"] == 16 and len(shipped["chunks"]) == 2    # the texts it used
@@ -478,3 +485,12 @@ def test_a_curve_is_added_to_a_built_card_on_its_own_heldout_sets(tmp_path):
     assert text.count("(one point: no line to extrapolate)") == len(over)
     build(str(folder), cfg, **quiet)                 # a card without a curve drops its figure
     assert not (folder / CURVE_FIGURE).exists()
+
+
+def test_targets_read_dead_features_on_the_training_sample_where_measured():
+    from tvlib.offline_saes import meets_targets
+    held_out = {"fvu": 0.1, "l0": 40.0, "dead_fraction": 0.2, "delta_loss": 0.3,
+                "recovered": 0.95}
+    assert not meets_targets(held_out)              # an older card: silent on held-out
+    assert meets_targets({**held_out, "dead_in_training": 0.01, "dead_tokens": 10**6})
+    assert not meets_targets({**held_out, "dead_in_training": 0.11, "dead_tokens": 10**6})

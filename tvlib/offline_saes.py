@@ -16,8 +16,10 @@
    at the sweep's layer on the first n training tokens for each n given (the training-
    token curve: how far more tokens would take the SAEs); ``--curve-only`` adds such a
    curve to the card of SAEs already built, leaving them as they are.
-4. On each held-out set: FVU, L0, dead fraction, and the next-token loss with the
-   reconstruction spliced in against clean and mean-ablated; the SAEs that were in
+4. On each held-out set: FVU, L0, silent features, and the next-token loss with the
+   reconstruction spliced in against clean and mean-ablated; dead features, counted on
+   ``dead_tokens`` training residuals (rare features are silent on a held-out set of a
+   few tens of thousands of tokens without being dead); the SAEs that were in
    place before are measured the same way, so the card shows both. A sample of the
    held-out texts of both kinds is the corpus the notebooks read features on
    (``corpus.json``): text the SAEs never saw.
@@ -47,7 +49,8 @@ from .models import load_model, model_source
 from .paths import REPO_ROOT
 from .presets import get_preset
 from .residual_store import read_layer, record, recording_dtype, text_rows
-from .sae_training import SAETrainingConfig, loss_change, sae_quality, save_sae, train_sae
+from .sae_training import (SAETrainingConfig, feature_density, loss_change, sae_quality,
+                           save_sae, train_sae)
 from .saes import check_sae_site
 
 MODEL_SOURCE = "model-written"        # the corpus's name for the model's own text
@@ -90,7 +93,10 @@ class BuildConfig:
     heldout_fraction: float = 0.05  # of each source's documents, kept whole
     train_tokens: int = 10_000_000  # training residuals at most (rows drawn at random)
     context: int = 128              # tokens per row, BOS included
-    heldout_rows: int = 256         # rows of each held-out set measured (FVU, L0, dead)
+    heldout_rows: int = 256         # rows of each held-out set measured (FVU, L0, silent)
+    # dead: features that fire on none of this many training residuals (the store's rows
+    # are in random order); a held-out set's tens of thousands of tokens miss rare ones
+    dead_tokens: int = 1_000_000
     loss_rows: int = 48             # of those, rows scored for the loss change
     corpus_texts: int = 200         # held-out texts of each kind in corpus.json
     seed: int = 0                   # the mix's and the row draw's
@@ -291,6 +297,7 @@ def _measured_sae(prepared: Prepared, layer: int, training: SAETrainingConfig, n
                                  n) / "measured.json"
     key = {"stores": {name: Path(store).name for name, store in prepared.stores.items()},
            "heldout_rows": cfg.heldout_rows, "loss_rows": cfg.loss_rows, "layer": layer,
+           "dead_tokens": cfg.dead_tokens,
            "code": {m: code[m] for m in MEASURE_MODULES}}
     stored = json.loads(record_path.read_text()) if record_path.is_file() else {}
     if stored.get("key") == key:
@@ -307,7 +314,8 @@ def _measured_sae(prepared: Prepared, layer: int, training: SAETrainingConfig, n
 def _log_row(label: str, row: dict, log=print) -> None:
     log(f"{label}: " + "  ".join(
         f"{name} Δloss {row[name]['delta_loss']:+.3f} FVU {row[name]['fvu']:.3f} "
-        f"dead {row[name]['dead_fraction']:.3f}" for name in HELDOUT_SETS))
+        f"dead {_dead(row[name]):.3f} silent {row[name]['dead_fraction']:.3f}"
+        for name in HELDOUT_SETS))
 
 
 def sweep(prepared: Prepared, cfg: BuildConfig, cache_dir: Path, log=print) -> list[dict]:
@@ -431,7 +439,7 @@ def build(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = BuildCon
         for row in rows_out:
             row.update(measured["new"][row["layer"]])
             log(f"resid_pre {row['layer']}: " + "  ".join(
-                f"{name} FVU {row[name]['fvu']:.3f} dead {row[name]['dead_fraction']:.3f} "
+                f"{name} FVU {row[name]['fvu']:.3f} dead {_dead(row[name]):.3f} "
                 f"Δloss {row[name]['delta_loss']:+.3f} recovered {row[name]['recovered']:.3f}"
                 for name in HELDOUT_SETS))
         build_record = {**asdict(cfg), "generation": asdict(prepared.generation),
@@ -613,13 +621,20 @@ def _previous_saes(preset, layers, lm) -> dict:
 
 def _measure(lm, saes: dict, means: dict, stores: dict, heldout_rows: dict,
              cfg: BuildConfig) -> dict[int, dict]:
-    """{layer: {held-out set: quality and loss change}} of ``saes``."""
+    """{layer: {held-out set: quality and loss change}} of ``saes``. Each set's entry also
+    holds ``dead_in_training``: the fraction of features that fire on none of the first
+    ``cfg.dead_tokens`` training residuals, and ``dead_tokens``, how many those were."""
     results = {layer: {} for layer in saes}
+    dead = {}
+    for layer, sae in saes.items():
+        sample = read_layer(stores["train"], layer)[:cfg.dead_tokens]
+        dead[layer] = {"dead_in_training": (feature_density(sae, sample) == 0).float().mean()
+                       .item(), "dead_tokens": int(sample.shape[0])}
     for name, (rows, mask) in heldout_rows.items():
         losses = loss_change(lm, saes, rows[:cfg.loss_rows], mask[:cfg.loss_rows], means)
         for layer, sae in saes.items():
             quality = sae_quality(sae, read_layer(stores[name], layer))
-            results[layer][name] = {**quality, **losses[layer]}
+            results[layer][name] = {**quality, **losses[layer], **dead[layer]}
     return results
 
 
@@ -650,25 +665,37 @@ CURVE_FIGURE = "token_curve.png"
 TARGETS = {"delta_loss": 0.5, "recovered": 0.9, "fvu": 0.15, "dead_fraction": 0.10}
 
 
+def _dead(measure: dict) -> float:
+    """The dead fraction a target is read on: on the training sample where measured
+    (cards from before measured only the held-out set's silent features)."""
+    return measure.get("dead_in_training", measure["dead_fraction"])
+
+
 def meets_targets(measure: dict) -> bool:
     """The card's targets on one held-out set: Δ loss <= 0.5 nats, recovered >= 0.9,
     FVU <= 0.15, dead <= 10%."""
     return (measure["delta_loss"] <= TARGETS["delta_loss"]
             and measure["recovered"] >= TARGETS["recovered"]
             and measure["fvu"] <= TARGETS["fvu"]
-            and measure["dead_fraction"] <= TARGETS["dead_fraction"])
+            and _dead(measure) <= TARGETS["dead_fraction"])
+
+
+def _dead_cells(m: dict) -> str:
+    """The table cells 'dead | silent on held-out'."""
+    dead = f"{m['dead_in_training']:.3f}" if "dead_in_training" in m else "—"
+    return f"{dead} | {m['dead_fraction']:.3f}"
 
 
 def _table(rows: list[dict]) -> list[str]:
-    lines = ["| resid_pre | held-out | width | FVU | L0 | dead | loss clean | loss SAE | Δ loss | "
-             "loss mean-ablated | recovered | targets |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| resid_pre | held-out | width | FVU | L0 | dead | silent | loss clean | loss SAE | "
+             "Δ loss | loss mean-ablated | recovered | targets |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         for name in HELDOUT_SETS:
             m = row[name]
             lines.append(
                 f"| {row['layer']} | {name} | {row.get('d_sae', '')} | {m['fvu']:.3f} | "
-                f"{m['l0']:.1f} | {m['dead_fraction']:.3f} | {m['loss_clean']:.3f} | "
+                f"{m['l0']:.1f} | {_dead_cells(m)} | {m['loss_clean']:.3f} | "
                 f"{m['loss_sae']:.3f} | {m['delta_loss']:+.3f} | {m['loss_mean_ablated']:.2f} | "
                 f"{m['recovered']:.3f} | {'met' if meets_targets(m) else 'missed'} |")
     return lines
@@ -725,7 +752,9 @@ def render_card(card: dict, heldout_texts: dict[str, list[str]]) -> str:
         f"{train['save_dtype']}, loaded as float32). Seed: training seed + resid_pre layer.", "",
         f"Measured on each held-out set ({sizes}). "
         "FVU: squared error over the residuals' variance; dead: features that fire on none "
-        "of the set's tokens. Loss: next-token cross-entropy on "
+        f"of {build.get('dead_tokens', 0)} training residuals (the target's); silent: "
+        "features that fire on none of the held-out set's tokens (rare features included). "
+        "Loss: next-token cross-entropy on "
         f"{build['loss_rows']} rows of each set, clean, with the reconstruction spliced in "
         "at every recorded token, and with the training tokens' mean residual there "
         "(mean ablation); recovered = (mean-ablated - SAE) / (mean-ablated - clean). "
@@ -737,13 +766,14 @@ def render_card(card: dict, heldout_texts: dict[str, list[str]]) -> str:
                   f"Each setting trained at resid_pre {first['layer']} on the first "
                   f"{first['train_tokens']} training tokens and measured on both held-out sets; "
                   "the one with the lowest mean Δ loss trained every layer on all of them.", "",
-                  "| setting | held-out | FVU | L0 | dead | Δ loss | recovered | seconds |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| setting | held-out | FVU | L0 | dead | silent | Δ loss | recovered | "
+                  "seconds |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for row in card["sweep"]:
             for name in HELDOUT_SETS:
                 m = row[name]
                 lines.append(f"| {_settings(row['training'])} | {name} | {m['fvu']:.3f} | "
-                             f"{m['l0']:.1f} | {m['dead_fraction']:.3f} | "
+                             f"{m['l0']:.1f} | {_dead_cells(m)} | "
                              f"{m['delta_loss']:+.3f} | {m['recovered']:.3f} | "
                              f"{row['seconds']:.0f} |")
     curves = card_curves(card)
@@ -797,13 +827,14 @@ def _curve_lines(curve: dict, card: dict) -> list[str]:
              f"{curve['model_share']:.0%} model-written rows, shuffled in with the prose; "
              "model-written rows repeat where the draw needs more than were sampled), "
              f"{where}.", "",
-             "| train tokens | held-out | FVU | L0 | dead | Δ loss | recovered | targets |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| train tokens | held-out | FVU | L0 | dead | silent | Δ loss | recovered | "
+             "targets |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in sorted(curve["rows"], key=lambda r: r["train_tokens"]):
         for name in HELDOUT_SETS:
             m = row[name]
             lines.append(f"| {row['train_tokens']} | {name} | {m['fvu']:.3f} | {m['l0']:.1f} | "
-                         f"{m['dead_fraction']:.3f} | {m['delta_loss']:+.3f} | "
+                         f"{_dead_cells(m)} | {m['delta_loss']:+.3f} | "
                          f"{m['recovered']:.3f} | {'met' if meets_targets(m) else 'missed'} |")
     drawn = curve.get("drawn", {}).get(MODEL_SOURCE)
     if drawn:

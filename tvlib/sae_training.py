@@ -184,6 +184,17 @@ def sae_quality(sae, resid: torch.Tensor, batch: int = 8192) -> dict:
 
 
 @torch.no_grad()
+def feature_density(sae, resid: torch.Tensor, batch: int = 8192) -> torch.Tensor:
+    """(d_sae,) the fraction of the residuals ``resid`` (N, d) each feature fires on.
+    Dead features are those at zero on many tokens: a feature that fires once in 100k
+    tokens is silent on most held-out sets of a few tens of thousands."""
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
+    for start in range(0, resid.shape[0], batch):
+        fired += (sae.encode(resid[start:start + batch].float()) > 0).sum(0).cpu()
+    return fired / resid.shape[0]
+
+
+@torch.no_grad()
 def loss_change(lm, saes: dict, rows: torch.Tensor, mask: torch.Tensor,
                 means: dict[int, torch.Tensor], batch_size: int = 4) -> dict[int, dict]:
     """Next-token loss with resid_pre ``layer`` replaced by its SAE's reconstruction, and
