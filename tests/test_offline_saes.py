@@ -174,6 +174,8 @@ def test_card_measurements_on_an_sae_that_reconstructs_exactly(toy_lm):
     density = feature_density(sae, x, batch=16)
     torch.testing.assert_close(density, (sae.encode(x) > 0).float().mean(0))
     assert (density == 0).sum() == 6
+    with pytest.raises(ValueError, match="no residuals"):
+        feature_density(sae, x[:0])
     rows = toy_lm.tokenizer(["<bos> hot -> cold \n big -> small \n up -> down"] * 3,
                             add_special_tokens=False, return_tensors="pt")["input_ids"]
     mask = torch.ones_like(rows, dtype=torch.bool)
@@ -494,3 +496,9 @@ def test_targets_read_dead_features_on_the_training_sample_where_measured():
     assert not meets_targets(held_out)              # an older card: silent on held-out
     assert meets_targets({**held_out, "dead_in_training": 0.01, "dead_tokens": 10**6})
     assert not meets_targets({**held_out, "dead_in_training": 0.11, "dead_tokens": 10**6})
+    from tvlib.offline_saes import _dead_sentence
+    assert "none of the held-out set's tokens (rare features included; the targets" in \
+        _dead_sentence([{"layer": 12, "model-written": held_out, "prose": held_out}])
+    new = {**held_out, "dead_in_training": 0.01, "dead_tokens": 5000}
+    assert "none of the first 5000 training residuals" in \
+        _dead_sentence([{"layer": 12, "model-written": new, "prose": new}])

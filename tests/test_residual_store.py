@@ -46,6 +46,11 @@ def test_recorded_residuals_are_the_models_hidden_states(tmp_path, toy_lm, word_
         torch.testing.assert_close(stored.float(), expected.float(), atol=2e-2, rtol=1e-2)
     with pytest.raises(ValueError, match="resid_pre 2 was not recorded"):
         read_layer(folder, 2)
+    full = read_layer(folder, 3)
+    for limit in (1, 40, full.shape[0], full.shape[0] + 5):     # across chunks, past the end
+        assert torch.equal(read_layer(folder, 3, limit=limit), full[:limit])
+    with pytest.raises(ValueError, match="limit=0"):
+        read_layer(folder, 3, limit=0)
 
 
 def test_an_interrupted_recording_resumes_and_damaged_chunks_are_recorded_again(

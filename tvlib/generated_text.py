@@ -112,6 +112,8 @@ def chunk_folder(model_dir: str | Path, cfg: GenerationConfig, cache_dir: Path,
            "device": torch.device(device).type,
            "libraries": {name: version(name) for name in LIBRARIES},
            **{k: v for k, v in asdict(cfg).items() if k != "n_texts"}}
+    if torch.device(device).type != "cpu":
+        key["sampler"] = 2      # off the CPU the draw moved to the device: other samples
     return Path(cache_dir) / f"generated-{digest(key)}"
 
 

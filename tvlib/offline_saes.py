@@ -57,6 +57,7 @@ MODEL_SOURCE = "model-written"        # the corpus's name for the model's own te
 HELDOUT_SETS = ("model-written", "prose")
 SHIPPED_TEXTS = "generated"           # the output folder's model-written texts
 TRAINED_FORMAT = 1      # bump when training changes: SAEs kept by earlier builds are retrained
+MEASURED_FORMAT = 2     # bump when ``_measure`` changes: kept measurements are redone
 
 
 # Settings measured before the build (``sweep``): the pilot's (4,096 wide, batches of 4,096:
@@ -239,7 +240,7 @@ def prepare(preset, cfg: BuildConfig, cache_dir: Path, device: str = "cpu",
     recorder = lm if dtype == "float32" else load_model(preset, device=device, dtype=dtype)
     log(f"recording {int(train_rows[1].sum())} training residuals at resid_pre {list(layers)} "
         f"in {dtype}")
-    batch = 16 if device == "cpu" else 128      # rows per forward (the store is the same)
+    batch = 16 if device == "cpu" else 128      # rows per forward
     stores = {"train": record(recorder, *train_rows, layers, cache_dir / "residuals",
                               batch_size=batch)}
     for name, (rows, mask) in heldout_rows.items():
@@ -297,7 +298,7 @@ def _measured_sae(prepared: Prepared, layer: int, training: SAETrainingConfig, n
                                  n) / "measured.json"
     key = {"stores": {name: Path(store).name for name, store in prepared.stores.items()},
            "heldout_rows": cfg.heldout_rows, "loss_rows": cfg.loss_rows, "layer": layer,
-           "dead_tokens": cfg.dead_tokens,
+           "dead_tokens": cfg.dead_tokens, "format": MEASURED_FORMAT,
            "code": {m: code[m] for m in MEASURE_MODULES}}
     stored = json.loads(record_path.read_text()) if record_path.is_file() else {}
     if stored.get("key") == key:
@@ -624,10 +625,13 @@ def _measure(lm, saes: dict, means: dict, stores: dict, heldout_rows: dict,
     """{layer: {held-out set: quality and loss change}} of ``saes``. Each set's entry also
     holds ``dead_in_training``: the fraction of features that fire on none of the first
     ``cfg.dead_tokens`` training residuals, and ``dead_tokens``, how many those were."""
+    if cfg.dead_tokens < 1:
+        raise ValueError(f"dead_tokens={cfg.dead_tokens!r}: pass a positive number of "
+                         "training residuals to count dead features on")
     results = {layer: {} for layer in saes}
     dead = {}
     for layer, sae in saes.items():
-        sample = read_layer(stores["train"], layer)[:cfg.dead_tokens]
+        sample = read_layer(stores["train"], layer, limit=cfg.dead_tokens)
         dead[layer] = {"dead_in_training": (feature_density(sae, sample) == 0).float().mean()
                        .item(), "dead_tokens": int(sample.shape[0])}
     for name, (rows, mask) in heldout_rows.items():
@@ -678,6 +682,20 @@ def meets_targets(measure: dict) -> bool:
             and measure["recovered"] >= TARGETS["recovered"]
             and measure["fvu"] <= TARGETS["fvu"]
             and _dead(measure) <= TARGETS["dead_fraction"])
+
+
+def _dead_sentence(rows: list[dict]) -> str:
+    """How the card's dead features were counted, from the measures themselves."""
+    counts = sorted({row[n]["dead_tokens"] for row in rows for n in HELDOUT_SETS
+                     if "dead_tokens" in row[n]})
+    if not counts:       # a card from before: the held-out count is all there is
+        return ("dead: features that fire on none of the held-out set's tokens (rare "
+                "features included; the targets read this count).")
+    told = " or ".join(str(n) for n in counts)
+    return (f"dead: features that fire on none of the first {told} training residuals "
+            "(the targets read this count; the previous SAEs' are counted on this build's); "
+            "silent: features that fire on none of the held-out set's tokens (rare "
+            "features included).")
 
 
 def _dead_cells(m: dict) -> str:
@@ -751,9 +769,7 @@ def render_card(card: dict, heldout_texts: dict[str, list[str]]) -> str:
         f"{train['lr']} (cosine to a tenth), saved as JumpReLU SAEs (weights in "
         f"{train['save_dtype']}, loaded as float32). Seed: training seed + resid_pre layer.", "",
         f"Measured on each held-out set ({sizes}). "
-        "FVU: squared error over the residuals' variance; dead: features that fire on none "
-        f"of {build.get('dead_tokens', 0)} training residuals (the target's); silent: "
-        "features that fire on none of the held-out set's tokens (rare features included). "
+        f"FVU: squared error over the residuals' variance; {_dead_sentence(card['saes'])} "
         "Loss: next-token cross-entropy on "
         f"{build['loss_rows']} rows of each set, clean, with the reconstruction spliced in "
         "at every recorded token, and with the training tokens' mean residual there "

@@ -93,14 +93,17 @@ def _rows_digest(rows: torch.Tensor, mask: torch.Tensor) -> str:
 
 
 def store_folder(lm, rows: torch.Tensor, mask: torch.Tensor, layers, cache_dir: Path,
-                 chunk_rows: int) -> Path:
-    """The store of these rows' residuals under this model and these settings."""
-    from .models import model_dtype, model_identity
+                 chunk_rows: int, batch_size: int | None = None) -> Path:
+    """The store of these rows' residuals under this model and these settings (off the
+    CPU, the rows per forward too: a GPU's kernels, and so the last bits, depend on it)."""
+    from .models import model_device, model_dtype, model_identity
 
     key = {"format": STORE_FORMAT, "model": model_identity(lm),
            "compute_dtype": str(model_dtype(lm)), "rows": _rows_digest(rows, mask),
            "layers": sorted(layers), "chunk_rows": chunk_rows,
            "libraries": {name: version(name) for name in LIBRARIES}}
+    if model_device(lm).type != "cpu":
+        key["batch_size"] = batch_size
     return Path(cache_dir) / f"residuals-{digest(key)}"
 
 
@@ -168,7 +171,7 @@ def record(lm, rows: torch.Tensor, mask: torch.Tensor, layers, cache_dir: Path,
     if mask[:, 0].any():
         raise ValueError("the mask counts position 0 (BOS): SAEs never see BOS; build rows "
                          "with text_rows")
-    folder = store_folder(lm, rows, mask, layers, cache_dir, chunk_rows)
+    folder = store_folder(lm, rows, mask, layers, cache_dir, chunk_rows, batch_size)
     d = d_model(lm)
     n_chunks = -(-rows.shape[0] // chunk_rows)
     todo = [c for c in range(n_chunks) if _read_chunk(
@@ -200,8 +203,9 @@ def record(lm, rows: torch.Tensor, mask: torch.Tensor, layers, cache_dir: Path,
     return folder
 
 
-def read_layer(folder: Path, layer: int) -> torch.Tensor:
-    """Every recorded residual of resid_pre ``layer`` in the store: (N, d) bfloat16."""
+def read_layer(folder: Path, layer: int, limit: int | None = None) -> torch.Tensor:
+    """Every recorded residual of resid_pre ``layer`` in the store: (N, d) bfloat16; with
+    ``limit``, the first ``limit`` of them (only the chunks that hold them are read)."""
     from safetensors import safe_open
 
     folder = Path(folder)
@@ -212,11 +216,16 @@ def read_layer(folder: Path, layer: int) -> torch.Tensor:
     if layer not in manifest["layers"]:
         raise ValueError(f"resid_pre {layer} was not recorded in {folder}: it holds layers "
                          f"{manifest['layers']}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit={limit!r}: pass a positive number of residuals, or None")
     paths = [_chunk_path(folder, c) for c in range(manifest["n_chunks"])]
-    parts = []
+    parts, count = [], 0
     for path in paths:
         with safe_open(str(path), "pt") as f:
             parts.append(f.get_tensor(f"resid_{layer}"))
+        count += parts[-1].shape[0]
+        if limit is not None and count >= limit:
+            return torch.cat(parts)[:limit]
     resid = torch.cat(parts)
     if resid.shape != (manifest["n_tokens"], manifest["d_model"]):
         raise ValueError(f"{folder} holds {tuple(resid.shape)} residuals of resid_pre {layer}, "

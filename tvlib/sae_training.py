@@ -188,9 +188,13 @@ def feature_density(sae, resid: torch.Tensor, batch: int = 8192) -> torch.Tensor
     """(d_sae,) the fraction of the residuals ``resid`` (N, d) each feature fires on.
     Dead features are those at zero on many tokens: a feature that fires once in 100k
     tokens is silent on most held-out sets of a few tens of thousands."""
+    if resid.shape[0] == 0:
+        raise ValueError("no residuals: a density needs at least one")
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
+    device = sae.W_dec.device
     for start in range(0, resid.shape[0], batch):
-        fired += (sae.encode(resid[start:start + batch].float()) > 0).sum(0).cpu()
+        x = resid[start:start + batch].to(device, torch.float32)
+        fired += (sae.encode(x) > 0).sum(0).cpu()
     return fired / resid.shape[0]
 
 
