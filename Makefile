@@ -57,7 +57,7 @@ gemma-3-270m-saes: $(VENV)/.installed
 # Sample model-written texts for the build ahead of it and ship them in
 # data/gemma-3-270m/generated (read there instead of sampled again, on any machine;
 # resumable). TEXTS: how many (a multiple of 256).
-TEXTS ?= 4608
+TEXTS ?= 7680
 gemma-3-270m-texts: $(VENV)/.installed
 	$(PY) -m tvlib.offline_saes --texts-only --texts $(TEXTS) $(ARGS)
 

@@ -47,7 +47,7 @@ SHIPPED_RECORD = "generated.json"
 class GenerationConfig:
     """How the texts are sampled; every field is part of the cache key."""
 
-    n_texts: int = 4608             # as many as ship in data/gemma-3-270m/generated
+    n_texts: int = 7680             # as many as ship in data/gemma-3-270m/generated
     n_tokens: int = 127             # tokens sampled after BOS (rows of 128 with it)
     batch_size: int = 256           # texts per chunk (sampled together)
     temperature: float = 1.0
