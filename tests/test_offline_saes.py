@@ -502,3 +502,11 @@ def test_targets_read_dead_features_on_the_training_sample_where_measured():
     new = {**held_out, "dead_in_training": 0.01, "dead_tokens": 5000}
     assert "none of the first 5000 training residuals" in \
         _dead_sentence([{"layer": 12, "model-written": new, "prose": new}])
+
+
+def test_prose_records_without_their_prose_are_refused(tmp_path):
+    from tvlib.offline_saes import prepare
+    from tvlib.presets import get_preset
+    with pytest.raises(ValueError, match="prose_records without prose"):
+        prepare(get_preset("gemma-3-270m-offline"), BuildConfig(), tmp_path,
+                prose_records=[{"name": "kjv"}])

@@ -191,6 +191,9 @@ def prepare(preset, cfg: BuildConfig, cache_dir: Path, device: str = "cpu",
     ``prose_text.read_bundle``); without them given prose is recorded as given."""
     from . import prose_text
 
+    if prose_records is not None and prose is None:
+        raise ValueError("prose_records without prose: pass the bundle's documents too "
+                         "(prose, prose_records = prose_text.read_bundle(path))")
     if not 0 <= cfg.model_share <= 1:
         raise ValueError(f"model_share={cfg.model_share!r}: pass the model-written rows' "
                          "share of the training tokens, in [0, 1]")
