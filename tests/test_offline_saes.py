@@ -485,8 +485,20 @@ def test_a_curve_is_added_to_a_built_card_on_its_own_heldout_sets(tmp_path):
     point = more["curves"][1]["rows"][0]
     over = [n for n in ("model-written", "prose") if point[n]["delta_loss"] > 0.5]
     assert text.count("(one point: no line to extrapolate)") == len(over)
-    build(str(folder), cfg, **quiet)                 # a card without a curve drops its figure
-    assert not (folder / CURVE_FIGURE).exists()
+    # a rebuild with another setting keeps the curves (each names its own setting and
+    # corpus) and, from the card it replaces, the SAEs that card had replaced
+    replaced_previous = more["previous_saes"]
+    other_setting = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, k=4))
+    rebuilt = build(str(folder), other_setting, **quiet)
+    assert rebuilt["curves"] == more["curves"] and (folder / CURVE_FIGURE).exists()
+    assert rebuilt["earlier_saes"][0]["measured"] == json.loads(json.dumps(replaced_previous))
+    assert rebuilt["earlier_saes"][0]["corpus"]["sha256"] == more["corpus"]["sha256"]
+    text = (folder / "MODEL_CARD.md").read_text()
+    assert "### 16 model-written texts, width 64 k 8 " in text
+    assert "The setting width 64 k 8 lr 0.001 batch 64 epochs 1 (not the card's)" in text
+    assert "The SAEs before those, as the build that replaced them measured them" in text
+    again = build(str(folder), other_setting, **quiet)       # and so on, newest first
+    assert again["earlier_saes"][1:] == rebuilt["earlier_saes"]
 
 
 def test_targets_read_dead_features_on_the_training_sample_where_measured():
@@ -510,3 +522,19 @@ def test_prose_records_without_their_prose_are_refused(tmp_path):
     with pytest.raises(ValueError, match="prose_records without prose"):
         prepare(get_preset("gemma-3-270m-offline"), BuildConfig(), tmp_path,
                 prose_records=[{"name": "kjv"}])
+
+
+def test_prose_sources_that_the_given_prose_does_not_hold_are_refused(tmp_path):
+    from tvlib.offline_saes import prepare
+    from tvlib.presets import get_preset
+    with pytest.raises(ValueError, match=r"prose_sources=\('kjv', 'wordnet'\)"):
+        prepare(get_preset("gemma-3-270m-offline"),
+                BuildConfig(prose_sources=("kjv", "wordnet")), tmp_path,
+                prose={"kjv": ["In the beginning"]})
+
+
+def test_texts_only_with_a_prose_bundle_is_refused(tmp_path, capsys):
+    from tvlib.offline_saes import main
+    with pytest.raises(SystemExit):
+        main(["--texts-only", "--prose-bundle", str(tmp_path / "prose.json.xz")])
+    assert "--prose-bundle with --texts-only" in capsys.readouterr().err

@@ -273,6 +273,14 @@ def test_a_bundle_gives_back_the_documents_and_records_and_refuses_damage(monkey
     edited.write_bytes(lzma.compress(json_.dumps(bundle).encode()))
     with pytest.raises(ValueError, match="'kjv' do not match their SHA-256"):
         prose_text.read_bundle(edited)
+    del bundle["sources"]["kjv"]["record"]
+    edited.write_bytes(lzma.compress(json_.dumps(bundle).encode()))
+    with pytest.raises(ValueError, match=r"'kjv' lacks \['record'\]"):
+        prose_text.read_bundle(edited)
+    bundle["sources"] = {}
+    edited.write_bytes(lzma.compress(json_.dumps(bundle).encode()))
+    with pytest.raises(ValueError, match="holds no sources"):
+        prose_text.read_bundle(edited)
     bundle["format"] = 99
     edited.write_bytes(lzma.compress(json_.dumps(bundle).encode()))
     with pytest.raises(ValueError, match="bundle format 99"):

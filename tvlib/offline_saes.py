@@ -194,6 +194,10 @@ def prepare(preset, cfg: BuildConfig, cache_dir: Path, device: str = "cpu",
     if prose_records is not None and prose is None:
         raise ValueError("prose_records without prose: pass the bundle's documents too "
                          "(prose, prose_records = prose_text.read_bundle(path))")
+    if prose is not None and cfg.prose_sources is not None \
+            and sorted(cfg.prose_sources) != sorted(prose):
+        raise ValueError(f"prose_sources={cfg.prose_sources!r}, but the prose given holds "
+                         f"{sorted(prose)}: pass prose_sources=None, or prose of those sources")
     if not 0 <= cfg.model_share <= 1:
         raise ValueError(f"model_share={cfg.model_share!r}: pass the model-written rows' "
                          "share of the training tokens, in [0, 1]")
@@ -410,6 +414,7 @@ def build(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = BuildCon
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     previous = _previous_saes(preset, layers, lm)
+    kept_curves, earlier = _carried(out_dir / "card.json", preset.name)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
         # 3. training, one layer at a time (one layer's residuals in memory)
@@ -469,20 +474,47 @@ def build(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = BuildCon
                            "heldout_tokens": {n: int(r[1].sum()) for n, r in heldout_rows.items()},
                            "corpus_json_texts": len(corpus)},
                 "recording_dtype": prepared.dtype, "device": device, "sweep": sweep_rows,
-                "curves": [curve] if curve else [],
-                "saes": rows_out, "previous_saes": measured.get("previous"), "seconds": seconds,
+                "curves": _with_curve(kept_curves, curve),
+                "saes": rows_out, "previous_saes": measured.get("previous"),
+                "earlier_saes": earlier, "seconds": seconds,
                 "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
-        if curve:
-            save_curve_figure([curve], scratch, preset.name)
+        if card["curves"]:
+            save_curve_figure(card["curves"], scratch, preset.name)
         (scratch / "card.json").write_text(json.dumps(card, indent=2) + "\n")
         (scratch / "MODEL_CARD.md").write_text(render_card(card, heldout_texts))
         _move_into(scratch, out_dir)
-        if not curve:                   # an earlier card's curve figure would outlive it
-            (out_dir / CURVE_FIGURE).unlink(missing_ok=True)
     finally:
         if scratch.exists():
             shutil.rmtree(scratch)
     return card
+
+
+def _carried(card_path: Path, preset_name: str) -> tuple[list[dict], list[dict]]:
+    """What a build keeps from the card it replaces: its training-token curves (each
+    records its own setting, corpus and held-out sets) and the SAEs before the replaced
+    ones, as that card measured them ({"corpus": ..., "measured": {layer: ...}}, newest
+    first). The replaced SAEs themselves are measured again by the build."""
+    if not card_path.is_file():
+        return [], []
+    old = json.loads(card_path.read_text())
+    if old.get("preset") != preset_name:
+        return [], []
+    earlier = list(old.get("earlier_saes") or [])
+    if old.get("previous_saes"):
+        corpus = old["corpus"]
+        earlier.insert(0, {"corpus": {"sha256": corpus["sha256"],
+                                      "heldout_tokens": corpus["heldout_tokens"]},
+                           "measured": old["previous_saes"]})
+    return card_curves(old), earlier
+
+
+def _with_curve(curves: list[dict], curve: dict | None) -> list[dict]:
+    """``curves`` with ``curve`` added, replacing one of the same texts and setting."""
+    if curve is None:
+        return list(curves)
+    kept = [c for c in curves if (c["model_texts"], c["training"])
+            != (curve["model_texts"], curve["training"])]
+    return sorted([*kept, curve], key=lambda c: c["model_texts"])
 
 
 def check_curve_tokens(cfg: BuildConfig) -> None:
@@ -581,9 +613,7 @@ def add_curve(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = Buil
     training = SAETrainingConfig(**built.get("chosen_training", built["training"]))
     t = time.time()
     curve = _curve_record(prepared, training, cfg, cache_dir, log)
-    curves = [c for c in card_curves(card) if (c["model_texts"], c["training"])
-              != (curve["model_texts"], curve["training"])]
-    card["curves"] = sorted([*curves, curve], key=lambda c: c["model_texts"])
+    card["curves"] = _with_curve(card_curves(card), curve)
     card.pop("curve", None)
     card["seconds"]["curve"] = round(time.time() - t, 1)
     text = json.dumps(card, indent=2) + "\n"
@@ -803,6 +833,13 @@ def render_card(card: dict, heldout_texts: dict[str, list[str]]) -> str:
     if card.get("previous_saes"):
         lines += ["", "The SAEs these replaced, measured the same way:", ""]
         lines += _table([{"layer": int(layer), **m} for layer, m in card["previous_saes"].items()])
+    for entry in card.get("earlier_saes") or []:
+        sizes = ", ".join(f"{n}: {entry['corpus']['heldout_tokens'][n]} tokens"
+                          for n in HELDOUT_SETS)
+        lines += ["", "The SAEs before those, as the build that replaced them measured them, "
+                  f"on its own held-out sets (corpus SHA-256 `{entry['corpus']['sha256']}`; "
+                  f"{sizes}):", ""]
+        lines += _table([{"layer": int(layer), **m} for layer, m in entry["measured"].items()])
     for name in HELDOUT_SETS:
         lines += ["", f"## Two held-out {name} texts", ""]
         lines += [f"> {text[:300]!r}" + "\n" for text in heldout_texts[name][:2]]
@@ -840,8 +877,11 @@ def _curve_lines(curve: dict, card: dict) -> list[str]:
         where = ("measured on the held-out sets of a corpus the same recipe gave, not the "
                  f"card's ({why}): SHA-256 `{own['sha256']}`, held-out {sizes}. Compare its "
                  "points with each other, and with the table above only roughly")
-    lines = [f"### {texts} model-written texts", "",
-             f"The setting above ({_settings(t)}) trained at resid_pre {curve['layer']} on the "
+    chosen = card["build"].get("chosen_training", card["build"]["training"])
+    setting = (f"The setting above ({_settings(t)})" if t == chosen
+               else f"The setting {_settings(t)} (not the card's)")
+    lines = [f"### {texts} model-written texts, {_settings(t)}", "",
+             f"{setting} trained at resid_pre {curve['layer']} on the "
              f"first n of {curve['draw_tokens']} training tokens drawn like the SAEs' (about "
              f"{curve['model_share']:.0%} model-written rows, shuffled in with the prose; "
              "model-written rows repeat where the draw needs more than were sampled), "
@@ -924,6 +964,8 @@ def main(argv=None):
                         help="where sampled text and recorded residuals are kept")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.texts_only and args.prose_bundle:
+        parser.error("--prose-bundle with --texts-only: sampling reads no prose; drop one")
     texts = args.texts if args.texts is not None else GenerationConfig.n_texts
     cfg = BuildConfig(generation=GenerationConfig(n_texts=texts),
                       training=dataclasses.replace(default, width=args.width, k=args.k,

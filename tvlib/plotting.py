@@ -6,6 +6,7 @@ headless run picks a non-interactive backend itself (or set MPLBACKEND=Agg).
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -373,6 +374,13 @@ def plot_token_curve(curves: list[dict], targets: dict, title: str = ""):
     and FVU against training tokens on each held-out set (one colour each), one line style
     per curve (labelled by its count of model-written texts), the card's targets dashed."""
     styles = ("-", "--", ":", "-.")
+    settings = {json.dumps(c["training"], sort_keys=True) for c in curves if "training" in c}
+
+    def curve_label(curve):             # the setting named where the curves' differ
+        t = curve.get("training")
+        width = f", width {t['width']} k {t['k']:g}" if len(settings) > 1 and t else ""
+        return f"{curve['model_texts']} model texts{width}"
+
     everything = sorted({r["train_tokens"] for c in curves for r in c["rows"]})
     with styled():
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
@@ -386,7 +394,7 @@ def plot_token_curve(curves: list[dict], targets: dict, title: str = ""):
                 for colour, name in enumerate(heldout):
                     ax.plot(tokens, [r[name][metric] for r in rows], marker="o",
                             color=f"C{colour}", linestyle=styles[index % len(styles)],
-                            label=f"{name}, {curve['model_texts']} model texts")
+                            label=f"{name}, {curve_label(curve)}")
             ax.axhline(targets[metric], color="grey", linestyle="--", linewidth=1,
                        label="target")
             ax.set_xscale("log", base=2)

@@ -722,8 +722,16 @@ def read_bundle(path: str | Path) -> tuple[dict[str, list[str]], list[dict]]:
     if bundle.get("format") != BUNDLE_FORMAT:
         raise ValueError(f"{path} has bundle format {bundle.get('format')!r}, not "
                          f"{BUNDLE_FORMAT}: export it again with this version")
+    sources = bundle.get("sources")
+    if not isinstance(sources, dict) or not sources:
+        raise ValueError(f"{path} holds no sources: export it again with python -m "
+                         "tvlib.prose_text --export FILE")
     docs, records = {}, []
-    for name, source in bundle["sources"].items():
+    for name, source in sources.items():
+        missing = [key for key in ("documents", "sha256", "record") if key not in source]
+        if missing:
+            raise ValueError(f"{path}: source {name!r} lacks {missing} (an incomplete or "
+                             "hand-edited bundle): export it again")
         if _documents_sha256(source["documents"]) != source["sha256"]:
             raise ValueError(f"{path}: the documents of {name!r} do not match their SHA-256 "
                              "(the file is damaged): export it again")
