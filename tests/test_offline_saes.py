@@ -420,6 +420,9 @@ def test_a_one_point_curve_states_its_shortfall_without_a_line():
     assert "- model-written: Δ loss +0.800, 0.300 nats over the target (one point: no line to " \
            "extrapolate)" in lines
     assert "- prose: Δ loss +0.300, within the 0.5 target" in lines
+    assert lines[2].startswith("The setting width 64 k 8 lr 0.001 batch 4096 epochs 6 trained")
+    card["build"]["training"] = curve["training"]                   # the card's own setting
+    assert _curve_lines(curve, card)[2].startswith("The setting above (width 64 k 8 ")
 
 
 def test_tokens_to_target_extrapolates_a_line_in_log_tokens():

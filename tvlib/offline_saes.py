@@ -877,9 +877,9 @@ def _curve_lines(curve: dict, card: dict) -> list[str]:
         where = ("measured on the held-out sets of a corpus the same recipe gave, not the "
                  f"card's ({why}): SHA-256 `{own['sha256']}`, held-out {sizes}. Compare its "
                  "points with each other, and with the table above only roughly")
-    chosen = card["build"].get("chosen_training", card["build"]["training"])
+    chosen = card["build"].get("chosen_training", card["build"].get("training"))
     setting = (f"The setting above ({_settings(t)})" if t == chosen
-               else f"The setting {_settings(t)} (not the card's)")
+               else f"The setting {_settings(t)}" + (" (not the card's)" if chosen else ""))
     lines = [f"### {texts} model-written texts, {_settings(t)}", "",
              f"{setting} trained at resid_pre {curve['layer']} on the "
              f"first n of {curve['draw_tokens']} training tokens drawn like the SAEs' (about "
