@@ -89,5 +89,11 @@ def test_bad_fine_tune_input_is_refused(toy_lm, toy_rows):
         DecoderFinetuneConfig(steps=0)
     with pytest.raises(ValueError, match="lr=0"):
         DecoderFinetuneConfig(lr=0)
+    with_bos = mask[:2].clone()
+    with_bos[:, 0] = True
+    with pytest.raises(ValueError, match="marks position 0 \\(BOS\\)"):
+        spliced_kl(toy_lm, sae, LAYER, rows[:2], with_bos)
+    with pytest.raises(ValueError, match="resid_pre"):
+        spliced_kl(toy_lm, sae, LAYER + 1, rows[:2], mask[:2])
     with pytest.raises(ValueError, match="no position to score"):
         spliced_kl(toy_lm, sae, LAYER, rows[:2], torch.zeros_like(mask[:2]))

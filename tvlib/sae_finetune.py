@@ -56,7 +56,12 @@ def spliced_kl(lm, sae, layer: int, rows: torch.Tensor, mask: torch.Tensor) -> t
     the reconstruction of resid_pre ``layer`` written at the tokens ``mask`` (N, T)
     marks; differentiable with respect to the SAE's parameters that require grad."""
     from .models import resid_pre, trace
+    from .saes import check_sae_site
 
+    check_sae_site(sae, lm, layer)
+    if mask[:, 0].any():
+        raise ValueError("the mask marks position 0 (BOS): SAEs never see BOS; build rows "
+                         "with text_rows")
     scored = (mask[:, :-1] & mask[:, 1:]).to(torch.bool)          # (N, T - 1)
     if not scored.any():
         raise ValueError("no position to score: every row needs two recorded tokens in a row")
