@@ -423,6 +423,15 @@ def test_a_one_point_curve_states_its_shortfall_without_a_line():
     assert lines[2].startswith("The setting width 64 k 8 lr 0.001 batch 4096 epochs 6 trained")
     card["build"]["training"] = curve["training"]                   # the card's own setting
     assert _curve_lines(curve, card)[2].startswith("The setting above (width 64 k 8 ")
+    # another corpus with the same texts: the same recipe is said only where recorded
+    other = {**curve, "corpus": {"sha256": "b" * 64,
+                                 "heldout_tokens": {"model-written": 10, "prose": 20}}}
+    assert "another recipe, or other texts drawn by it" in _curve_lines(other, card)[2]
+    recipe = {"prose_sources": None, "max_share": 0.4, "model_share": 0.3,
+              "heldout_fraction": 0.05, "context": 128, "seed": 0}
+    card["build"].update(recipe)
+    assert "the same recipe drew other texts here" in \
+        _curve_lines({**other, "recipe": recipe}, card)[2]
 
 
 def test_tokens_to_target_extrapolates_a_line_in_log_tokens():

@@ -508,6 +508,14 @@ def _carried(card_path: Path, preset_name: str) -> tuple[list[dict], list[dict]]
     return card_curves(old), earlier
 
 
+def _recipe(cfg: BuildConfig | dict) -> dict:
+    """The settings besides the texts that decide a corpus and its draw."""
+    c = asdict(cfg) if isinstance(cfg, BuildConfig) else cfg
+    return {key: (list(c[key]) if isinstance(c.get(key), tuple) else c.get(key))
+            for key in ("prose_sources", "max_share", "model_share", "heldout_fraction",
+                        "context", "seed")}
+
+
 def _with_curve(curves: list[dict], curve: dict | None) -> list[dict]:
     """``curves`` with ``curve`` added, replacing one of the same texts and setting."""
     if curve is None:
@@ -533,7 +541,7 @@ def _curve_record(prepared: Prepared, training: SAETrainingConfig, cfg: BuildCon
     return {"layer": rows[0]["layer"], "training": asdict(training),
             "model_texts": prepared.generation.n_texts,
             "draw_tokens": int(prepared.train_rows[1].sum()), "model_share": cfg.model_share,
-            "drawn": prepared.drawn, "rows": rows,
+            "drawn": prepared.drawn, "rows": rows, "recipe": _recipe(cfg),
             "corpus": {"sha256": prepared.mix["sha256"],
                        "heldout_tokens": {n: int(r[1].sum())
                                           for n, r in prepared.heldout_rows.items()}},
@@ -870,9 +878,11 @@ def _curve_lines(curve: dict, card: dict) -> list[str]:
     if own["sha256"] == corpus["sha256"]:
         where = "measured on the same held-out sets"
     else:
+        same_recipe = curve.get("recipe") == _recipe(card["build"])   # older curves: unknown
         why = (f"it holds {texts} model-written texts, the card's {card_texts}"
                if texts != card_texts else "the same recipe drew other texts here: sampling "
-               "follows the CPU's rounding, and packaged prose may differ")
+               "follows the CPU's rounding, and packaged prose may differ" if same_recipe
+               else "another recipe, or other texts drawn by it")
         sizes = ", ".join(f"{n}: {own['heldout_tokens'][n]} tokens" for n in HELDOUT_SETS)
         where = ("measured on the held-out sets of a corpus the same recipe gave, not the "
                  f"card's ({why}): SHA-256 `{own['sha256']}`, held-out {sizes}. Compare its "
