@@ -2,6 +2,7 @@
 
 import math
 
+import pandas as pd
 import pytest
 import torch
 
@@ -253,6 +254,31 @@ def test_steering_matrix_random_column(toy_lm, tmp_path, monkeypatch):
     fig = plot_steering_matrix(grid)
     labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
     assert labels == ["45 (antonyms)", "322 (en_es)", "random (seed 0)"]
+
+
+def test_steering_matrix_plot_keeps_its_heatmap_with_a_shared_feature():
+    """A feature cleaned for several tasks gets one task per line of its label, and the
+    heatmap keeps its height (on one line such a label squeezed it to nothing); a long
+    title does not run into the colorbar's label."""
+    from tvlib.plotting import plot_steering_matrix
+    tasks = ["antonyms", "country_capital", "present_simple_past_simple", "en_es"]
+    columns = [(533, "antonyms"), (3886, "country_capital+present_simple_past_simple"),
+               (1588, "en_es"), (None, RANDOM)]
+    grid = pd.DataFrame([{"task": t, "feature": f, "feature_task": ft, "seed": 0 if f is None
+                          else None, "relative_change": 0.1} for t in tasks for f, ft in columns])
+    fig = plot_steering_matrix(grid, title="Task features, layer 12, scale 3000 "
+                                           "(gemma-3-270m-offline)")
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert labels[1] == "3886 (country_capital,\npresent_simple_past_simple)"
+    fig.canvas.draw()
+    heatmap = fig.axes[0].get_position()               # figure fraction, after tight_layout
+    assert heatmap.height > 0.2
+    # a long title ends a quarter inch or more before the colorbar's label (at 6 inches
+    # wide, the gap was under a tenth: the two touched)
+    renderer = fig.canvas.get_renderer()
+    title = fig.axes[0].title.get_window_extent(renderer)
+    colorbar_label = fig.axes[1].yaxis.label.get_window_extent(renderer)
+    assert (colorbar_label.x0 - title.x1) / fig.dpi > 0.25
 
 
 # ---------------------------------------------------------------- refusals

@@ -99,3 +99,22 @@ def test_the_early_layer_is_chosen_by_measurement():
     assert early_layer_from(pd.Series({"a": 6, "b": None}), [6, 9, 11]) == 11
     with pytest.raises(ValueError, match="no layer with an SAE before the task layer"):
         early_layer_from(pd.Series({"a": 6}), [])
+
+
+def test_the_sentence_panel_legend_covers_no_bar():
+    """Panel (c)'s legend sits above the bars (inside them, it hid the zero-shot bars)."""
+    from tvlib.plotting import plot_further_experiments
+    early = pd.DataFrame([{"task": task, "read": read, "top_k_overlap": 0.3,
+                           "task_weight_share": 0.1, "task_layer": 12, "early_layer": 6}
+                          for task in ("antonyms", "country_capital")
+                          for read in ("TV of layer 12", "no vector")])
+    nll = {"zero-shot": 3.0, "word TV": 2.8, "cleaned word TV": 2.2, "sentence ICL (3 shots)": 0.8}
+    sentences = pd.DataFrame([{"task": task, "condition": condition, "nll_per_token": value}
+                              for task in ("en_es", "en_fr") for condition, value in nll.items()])
+    fig = plot_further_experiments(early, sentences)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[2]
+    legend = ax.get_legend().get_window_extent(renderer)
+    assert len(ax.patches) == 8
+    assert not any(bar.get_window_extent(renderer).overlaps(legend) for bar in ax.patches)

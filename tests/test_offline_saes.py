@@ -333,6 +333,14 @@ def test_build_writes_saes_corpus_and_card_beside_the_preset(tmp_path):
     assert "- facts (pypi: facts 1.0): MIT;" in (folder / "MODEL_CARD.md").read_text()
     assert not any("sampled chunk" in m for m in messages)
     assert not any("training on" in m for m in messages)     # trained SAEs kept as finished
+    # the first build trained them, the second read them: its card says so, with the time
+    # the first took
+    assert not any(row["read_from_cache"] for row in card["saes"])
+    assert all(row["read_from_cache"] for row in again["saes"])
+    assert ([row["training_seconds"] for row in again["saes"]]
+            == [row["training_seconds"] for row in card["saes"]])
+    assert all(row["training_seconds"] > 0 for row in card["saes"])
+    assert "Read from the cache instead of trained" in (folder / "MODEL_CARD.md").read_text()
     assert again["sweep"] == card["sweep"]    # its measurements reused, their seconds too
     assert again["saes"][0]["prose"]["fvu"] == pytest.approx(card["saes"][0]["prose"]["fvu"])
 
@@ -550,3 +558,26 @@ def test_texts_only_with_a_prose_bundle_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--texts-only", "--prose-bundle", str(tmp_path / "prose.json.xz")])
     assert "--prose-bundle with --texts-only" in capsys.readouterr().err
+
+
+def test_the_replaced_saes_are_the_outputs_not_the_presets(tmp_path):
+    """A build written elsewhere (--out) measures the SAEs it replaces there: measuring the
+    preset's own would put another folder's SAEs beside the output's carried history."""
+    import shutil
+
+    from tvlib.offline_saes import _previous_saes
+    preset = make_standin("gemma-3-270m-offline", tmp_path / "standin")
+    out = tmp_path / "out"
+    shutil.copytree(Path(preset.sae_dir), out / "saes")
+    layers = preset.resid_pre_layers_with_sae()
+    last = layers[-1]
+    weights = out / "saes" / preset.sae_id.format(layer=last - 1) / "sae_weights.safetensors"
+    from safetensors.torch import load_file, save_file
+    state = load_file(weights)
+    state["W_dec"] = state["W_dec"] * 2                     # the output's SAE differs
+    save_file(state, weights)
+    replaced = _previous_saes(preset, layers, out / "saes")
+    own = load_sae(preset, last, device="cpu")
+    assert set(replaced) == set(layers)
+    assert torch.equal(replaced[last].W_dec, 2 * own.W_dec)
+    assert _previous_saes(preset, layers, tmp_path / "empty") == {}

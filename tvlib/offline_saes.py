@@ -266,6 +266,10 @@ def trained_folder(store: Path, layer: int, training: SAETrainingConfig, cache_d
     return Path(cache_dir) / "trained" / f"{Path(store).name}-{key}"
 
 
+# Beside each trained SAE in the cache: how long it took, so a card built from the cache
+# still says what training cost.
+TRAINING_RECORD = "trained.json"
+
 # The modules that compute an SAE's measurements (the splice, the losses, FVU): a sweep's
 # measurements kept beside a trained SAE are reused while these and the held-out sets hold.
 MEASURE_MODULES = ("sae_training.py", "models.py", "architectures.py")
@@ -289,8 +293,20 @@ def trained_sae(store: Path, layer: int, training: SAETrainingConfig, cache_dir:
             raise ValueError(f"n_residuals={n_residuals}: the store holds {resid.shape[0]}")
         resid = resid[:n_residuals]
     log(f"resid_pre {layer}: training on {resid.shape[0]} residuals ({_settings(training)})")
+    start = time.time()
     sae = train_sae(resid, hook, training, log=log, device=device)
-    return save_sae(sae, trained, training.save_dtype)
+    sae = save_sae(sae, trained, training.save_dtype)
+    record = json.dumps({"seconds": round(time.time() - start, 1), "device": device,
+                         "torch_threads": torch.get_num_threads()})
+    write_atomic(trained / TRAINING_RECORD, lambda tmp: tmp.write_text(record))
+    return sae
+
+
+def training_record(folder: Path) -> dict | None:
+    """How long the SAE kept in ``folder`` took to train, and where ({"seconds", "device",
+    "torch_threads"}); None where that was not recorded (kept by an older build)."""
+    path = Path(folder) / TRAINING_RECORD
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _measured_sae(prepared: Prepared, layer: int, training: SAETrainingConfig, n: int,
@@ -413,7 +429,7 @@ def build(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = BuildCon
     log(f"training every layer with {_settings(chosen)}")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    previous = _previous_saes(preset, layers, lm)
+    previous = _previous_saes(preset, layers, out_dir / "saes")     # the ones replaced
     kept_curves, earlier = _carried(out_dir / "card.json", preset.name)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
@@ -425,8 +441,11 @@ def build(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = BuildCon
             block = layer - 1
             training = dataclasses.replace(chosen, seed=chosen.seed + layer)
             means[layer] = read_layer(stores["train"], layer).mean(0, dtype=torch.float32)
+            kept = trained_folder(stores["train"], layer, training, cache_dir)
+            from_cache = (kept / "cfg.json").is_file()
             sae = trained_sae(stores["train"], layer, training, cache_dir, log=log,
                               device=device)
+            trained_in = training_record(kept)
             sae.cfg.metadata.model_name = preset.name
             # measured as saved (matrices in save_dtype), not as trained
             folders[layer] = scratch / "saes" / preset.sae_id.format(layer=block)
@@ -436,7 +455,9 @@ def build(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = BuildCon
             rows_out.append({"layer": layer, "site": f"resid_post {block}",
                              "d_sae": sae.cfg.d_sae,
                              "train_tokens": int(prepared.train_rows[1].sum()),
-                             "seed": training.seed, "seconds": round(time.time() - t_layer, 1)})
+                             "seed": training.seed, "seconds": round(time.time() - t_layer, 1),
+                             "read_from_cache": from_cache,
+                             "training_seconds": trained_in["seconds"] if trained_in else None})
         seconds["training"] = round(time.time() - t, 1)
         # 4. measurements on both held-out sets, new SAEs and the ones they replace
         t = time.time()
@@ -651,12 +672,14 @@ def ship_texts(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = Bui
     return folder
 
 
-def _previous_saes(preset, layers, lm) -> dict:
-    """The SAEs in place before the build, where every layer has one (else {})."""
+def _previous_saes(preset, layers, sae_dir: Path) -> dict:
+    """The SAEs the build replaces: those in ``sae_dir`` (the output's, which need not be
+    the preset's own), each loaded with the preset's checks; {} unless every layer has one."""
     from .saes import load_sae
 
+    in_place = dataclasses.replace(preset, sae_dir=str(sae_dir))
     try:
-        return {layer: load_sae(preset, layer, device="cpu") for layer in layers}
+        return {layer: load_sae(in_place, layer, device="cpu") for layer in layers}
     except (FileNotFoundError, ValueError):
         return {}
 
@@ -760,6 +783,19 @@ def _table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _cached_training(rows: list[dict]) -> str:
+    """A sentence for the SAEs a build read from the cache instead of training them: its
+    training minutes are not theirs."""
+    cached = [row for row in rows if row.get("read_from_cache")]
+    if not cached:
+        return ""
+    took = ", ".join(f"resid_pre {row['layer']} (" + (
+        f"{row['training_seconds'] / 60:.0f} min" if row.get("training_seconds") is not None
+        else "time not recorded") + ")" for row in cached)
+    return (" Read from the cache instead of trained, so their training time is not in "
+            f"these minutes; an earlier run trained them: {took}.")
+
+
 def render_card(card: dict, heldout_texts: dict[str, list[str]]) -> str:
     gen, build = card["build"]["generation"], card["build"]
     train = build.get("chosen_training", build["training"])
@@ -772,7 +808,7 @@ def render_card(card: dict, heldout_texts: dict[str, list[str]]) -> str:
         f"recording residuals in {card['recording_dtype']} (both cached: a re-run reads them), "
         f"{seconds.get('sweep', 0) / 60:.0f} min sweeping settings, "
         f"{seconds.get('training', 0) / 60:.0f} min training, "
-        f"{seconds['measuring'] / 60:.0f} min measuring.", "",
+        f"{seconds['measuring'] / 60:.0f} min measuring.{_cached_training(card['saes'])}", "",
         "## Corpus", "",
         f"Model-written text: {gen['n_texts']} texts of up to {gen['n_tokens']} tokens that the "
         f"model sampled from BOS at temperature {gen['temperature']} (seed {gen['seed']}). "

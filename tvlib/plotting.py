@@ -226,22 +226,33 @@ def plot_lambda_sweep(sweep: pd.DataFrame, title: str = ""):
     return fig
 
 
+def _feature_label(feature, feature_task: str) -> str:
+    """'feature (task)'; a feature cleaned for several tasks ('a+b') names one per line: on
+    one line the rotated label grew long enough to squeeze the heatmap to nothing."""
+    tasks = feature_task.replace("+", ",\n")
+    return f"{int(feature)} ({tasks})"
+
+
 def plot_steering_matrix(grid: pd.DataFrame, clip: float = 1.0, title: str = ""):
     """Heatmap of relative loss change (task rows x feature columns), increases clipped; a
     random direction (``feature`` empty, ``seed`` set) is a column "random (seed s)"."""
     tasks = list(dict.fromkeys(grid.task))
     random = grid.feature.isna()
     seeds = grid["seed"] if "seed" in grid else pd.Series(pd.NA, index=grid.index)
-    label = pd.Series([f"random (seed {s})" if r else f"{int(f)} ({t})" for r, s, f, t in
+    label = pd.Series([f"random (seed {s})" if r else _feature_label(f, t) for r, s, f, t in
                        zip(random, seeds, grid.feature, grid.feature_task)], index=grid.index)
     columns = list(dict.fromkeys(label))
     table = grid.assign(column=label).pivot_table(index="task", columns="column",
                                                   values="relative_change")
     values = table.loc[tasks, columns].clip(upper=clip)
+    longest = max(len(line) for column in columns for line in column.split("\n"))
     with styled():
-        # at least 6 inches wide: a narrower axes puts the title over the colorbar's label
-        fig, ax = plt.subplots(figsize=(max(0.5 * len(columns) + 3.0, 6.0),
-                                        0.38 * len(tasks) + 1.6))
+        # at least 6 inches wide, wider for a long title: a narrower axes puts the title
+        # over the colorbar's label; taller where the rotated labels are longer than a task
+        # name with its feature
+        width = max(0.5 * len(columns) + 3.0, 6.0, 0.08 * len(title) + 2.6)
+        height = 0.38 * len(tasks) + 1.6 + 0.05 * max(0, longest - 33)
+        fig, ax = plt.subplots(figsize=(width, height))
         image = ax.imshow(values.values, cmap="RdBu_r", vmin=-1, vmax=clip, aspect="auto")
         for (row, col), value in np.ndenumerate(values.values):   # each cell's change
             if np.isfinite(value):
@@ -361,7 +372,9 @@ def plot_further_experiments(early: pd.DataFrame, sentences: pd.DataFrame | None
             ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2,
                           [f"{n} sentences" for n in names])
             ax.set_ylabel("NLL per target token")
-            ax.legend(fontsize=7, loc="lower left", framealpha=0.9)
+            # the legend in a band above the tallest bar: anywhere inside it covered bars
+            ax.set_ylim(0, 1.4 * np.nanmax(sentences.nll_per_token.to_numpy(float)))
+            ax.legend(fontsize=7, loc="upper center", ncols=2, framealpha=0.9)
         ax.set_title("(c) word-level TV on sentence translation")
         if title:
             fig.suptitle(title)
