@@ -39,7 +39,7 @@ def test_notebook_smoke(notebook: Path, preset, tmp_path, monkeypatch, request):
         assert figures and all(f.stat().st_size > 1000 for f in figures)
     # a smoke run never writes where the full run's figures live
     assert [p.name for p in (tmp_path / "figures").iterdir()] == ["smoke"]
-    # the second run reads every result from the cache
+    # results were written to the cache as they were computed
     tables = list((tmp_path / "cache").rglob("*.parquet"))
     assert tables
     check_outputs(tmp_path / notebook.name)

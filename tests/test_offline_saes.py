@@ -240,8 +240,10 @@ def test_trained_sae_learns_and_round_trips_through_its_folder(tmp_path, toy_lm)
     assert torch.equal(SAE.load_from_disk(str(tmp_path / "sae")).W_enc, loaded.W_enc)
     assert loaded.W_enc.dtype == torch.float32
     assert sae_quality(loaded, resid)["fvu"] == pytest.approx(quality["fvu"], rel=1e-2)
-    again = train_sae(resid, "blocks.2.hook_resid_post", cfg, log=lambda _: None)
-    assert torch.equal(again.W_dec, sae.W_dec)                     # seeded
+    short = dataclasses.replace(cfg, epochs=2)                      # seeded: one run twice
+    first, again = (train_sae(resid, "blocks.2.hook_resid_post", short, log=lambda _: None)
+                    for _ in range(2))
+    assert torch.equal(again.W_dec, first.W_dec)
 
 
 def test_gated_training_and_unknown_architectures(toy_lm):
@@ -275,6 +277,7 @@ def test_build_writes_saes_corpus_and_card_beside_the_preset(tmp_path):
                       max_share=0.7, heldout_fraction=0.2, train_tokens=3000, context=32,
                       heldout_rows=12, loss_rows=4, corpus_texts=3, model_share=0.3,
                       sweep=swept, sweep_tokens=1000)
+    replaced_width = load_sae(preset, 1, device="cpu").cfg.d_sae
     card = build(str(folder), cfg, cache_dir=tmp_path / "cache", prose=prose, log=lambda _: None)
     # the sweep: every setting at the last layer on the first 1,000 tokens, the best chosen
     assert [row["training"] for row in card["sweep"]] == [asdict(t) for t in swept]
@@ -315,6 +318,10 @@ def test_build_writes_saes_corpus_and_card_beside_the_preset(tmp_path):
     assert not list(folder.glob("*-previous"))
     text = (folder / "MODEL_CARD.md").read_text()
     assert f"| 1 | prose | {chosen.width} |" in text and "The SAEs these replaced" in text
+    assert replaced_width != chosen.width
+    assert all(m["d_sae"] == replaced_width for m in card["previous_saes"].values())
+    assert text.split("The SAEs these replaced")[1].count(f"| prose | {replaced_width} |") \
+        == len(card["saes"])
     assert "## Sweep" in text and "| dead | silent |" in text
     assert lm.preset.name == "gemma-3-270m-offline-standin"
     shipped = json.loads((folder / "generated" / SHIPPED_RECORD).read_text())
@@ -581,3 +588,9 @@ def test_the_replaced_saes_are_the_outputs_not_the_presets(tmp_path):
     assert set(replaced) == set(layers)
     assert torch.equal(replaced[last].W_dec, 2 * own.W_dec)
     assert _previous_saes(preset, layers, tmp_path / "empty") == {}
+    # one that is there but fails the preset's checks: none, and the log says why
+    (out / "saes" / preset.sae_id.format(layer=last - 1) / "cfg.json").write_text("{broken")
+    messages = []
+    assert _previous_saes(preset, layers, out / "saes", messages.append) == {}
+    [message] = messages
+    assert str(out / "saes") in message and "cfg.json is broken" in message

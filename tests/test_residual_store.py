@@ -107,3 +107,28 @@ def test_bad_rows_are_refused(tmp_path, toy_lm, word_tokenizer):
 def test_recording_dtype_is_a_supported_one():
     assert recording_dtype("cpu") in ("float32", "bfloat16")
     assert recording_dtype("cuda") == "float32"
+
+
+@pytest.mark.parametrize("small_bf16, full_bf16, expected, timed", [
+    (1.0, None, "float32", 2),         # emulated bfloat16: the full-size timing is skipped
+    (0.001, 0.2, "float32", 3),        # bfloat16 no faster than float32 / 1.5
+    (0.001, 0.05, "bfloat16", 3),      # bfloat16 more than 1.5x faster
+])
+def test_recording_dtype_times_bfloat16_only_where_it_may_win(monkeypatch, small_bf16,
+                                                              full_bf16, expected, timed):
+    import tvlib.residual_store as store
+    calls = []
+
+    def seconds(a, b, repeats):         # float32: 0.1 s for five full products
+        calls.append((a.dtype, a.shape[0]))
+        if a.dtype == torch.float32:
+            return 0.1
+        return small_bf16 if a.shape[0] == 16 else full_bf16
+
+    monkeypatch.setattr(store, "_matmul_seconds", seconds)
+    store.recording_dtype.cache_clear()
+    try:
+        assert store.recording_dtype("cpu") == expected and len(calls) == timed
+        assert store.recording_dtype("cpu") == expected and len(calls) == timed   # once
+    finally:
+        store.recording_dtype.cache_clear()

@@ -429,7 +429,7 @@ def build(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = BuildCon
     log(f"training every layer with {_settings(chosen)}")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    previous = _previous_saes(preset, layers, out_dir / "saes")     # the ones replaced
+    previous = _previous_saes(preset, layers, out_dir / "saes", log)  # the ones replaced
     kept_curves, earlier = _carried(out_dir / "card.json", preset.name)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
@@ -465,6 +465,8 @@ def build(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = BuildCon
         if previous:
             measured["previous"] = _measure(lm, previous, means, stores, prepared.heldout_rows,
                                             cfg)
+            for layer, sae in previous.items():          # the width column of their table
+                measured["previous"][layer]["d_sae"] = sae.cfg.d_sae
         seconds["measuring"] = round(time.time() - t, 1)
         for row in rows_out:
             row.update(measured["new"][row["layer"]])
@@ -672,15 +674,20 @@ def ship_texts(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = Bui
     return folder
 
 
-def _previous_saes(preset, layers, sae_dir: Path) -> dict:
+def _previous_saes(preset, layers, sae_dir: Path, log=print) -> dict:
     """The SAEs the build replaces: those in ``sae_dir`` (the output's, which need not be
-    the preset's own), each loaded with the preset's checks; {} unless every layer has one."""
+    the preset's own), each loaded with the preset's checks; {} unless every layer has one
+    (with a message where one is there but fails those checks)."""
     from .saes import load_sae
 
     in_place = dataclasses.replace(preset, sae_dir=str(sae_dir))
     try:
         return {layer: load_sae(in_place, layer, device="cpu") for layer in layers}
-    except (FileNotFoundError, ValueError):
+    except FileNotFoundError:
+        return {}
+    except ValueError as err:
+        log(f"the SAEs in {sae_dir} are not measured as the ones replaced (the card will "
+            f"list none): {err}")
         return {}
 
 
