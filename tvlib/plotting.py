@@ -416,7 +416,7 @@ def plot_token_curve(curves: list[dict], targets: dict, title: str = ""):
             ax.minorticks_off()
             ax.set_xlabel("training tokens")
             ax.set_ylabel(label)
-        axes[0].legend(fontsize=6)
+        axes[0].legend(fontsize=6, handlelength=4, markerscale=0.6)   # the dashes show
         layers = sorted({c["layer"] for c in curves})
         axes[0].set_title(f"SAE spliced in at resid_pre {', '.join(map(str, layers))}")
         axes[1].set_title("fraction of variance unexplained")
