@@ -283,7 +283,7 @@ def trained_sae(store: Path, layer: int, training: SAETrainingConfig, cache_dir:
     interrupted build keeps it."""
     hook = f"blocks.{layer - 1}.hook_resid_post"         # resid_post block = resid_pre - 1
     trained = trained_folder(store, layer, training, cache_dir, n_residuals)
-    if (trained / "cfg.json").is_file():
+    if is_trained(trained):
         from sae_lens import SAE
         log(f"resid_pre {layer}: trained SAE read from {trained}")
         return SAE.load_from_disk(str(trained), device="cpu")
@@ -300,6 +300,12 @@ def trained_sae(store: Path, layer: int, training: SAETrainingConfig, cache_dir:
                          "torch_threads": torch.get_num_threads()})
     write_atomic(trained / TRAINING_RECORD, lambda tmp: tmp.write_text(record))
     return sae
+
+
+def is_trained(folder: Path) -> bool:
+    """Whether ``trained_sae`` finished the SAE kept in ``folder`` (its cfg.json is written
+    last, atomically)."""
+    return (Path(folder) / "cfg.json").is_file()
 
 
 def training_record(folder: Path) -> dict | None:
@@ -442,7 +448,7 @@ def build(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = BuildCon
             training = dataclasses.replace(chosen, seed=chosen.seed + layer)
             means[layer] = read_layer(stores["train"], layer).mean(0, dtype=torch.float32)
             kept = trained_folder(stores["train"], layer, training, cache_dir)
-            from_cache = (kept / "cfg.json").is_file()
+            from_cache = is_trained(kept)
             sae = trained_sae(stores["train"], layer, training, cache_dir, log=log,
                               device=device)
             trained_in = training_record(kept)
