@@ -23,26 +23,61 @@ def gemma2_standin(tmp_path_factory) -> str:
     return str(folder)
 
 
-@pytest.mark.parametrize("preset", ["toy", "gemma-2-2b-standin"])
+SMOKE_PRESETS = ["toy", "gemma-2-2b-standin"]
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(request, tmp_path_factory) -> dict:
+    """The smoke runs this session selected, two at a time, each in a process of its own
+    with its own figure and cache folders: {(notebook stem, preset): (folder, error)}.
+    Most of a smoke run is one process importing sae-lens and starting a kernel, which
+    leaves the machine's second core idle; one torch thread each keeps two from
+    fighting over the cores."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [(item.callspec.params["notebook"], item.callspec.params["preset"])
+            for item in request.session.items if item.originalname == "test_notebook_smoke"]
+    standin = (request.getfixturevalue("gemma2_standin")
+               if any(preset != "toy" for _, preset in jobs) else None)
+    root = tmp_path_factory.mktemp("smoke")
+
+    def run(job):
+        notebook, preset = job
+        folder = root / f"{notebook.stem}-{preset}"
+        folder.mkdir()
+        env = {**os.environ, "TVLIB_FIGURES_DIR": str(folder / "figures"),
+               "TVLIB_CACHE_DIR": str(folder / "cache"), "OMP_NUM_THREADS": "1",
+               "MKL_NUM_THREADS": "1"}
+        parameters = {"SMOKE": True, "PRESET": preset if preset == "toy" else standin}
+        done = subprocess.run(
+            [sys.executable, "-m", "papermill", "--no-progress-bar", "-k", "python3",
+             "--cwd", str(REPO_ROOT / "notebooks"), "-y", json.dumps(parameters),
+             str(notebook), str(folder / notebook.name)],
+            env=env, capture_output=True, text=True)
+        return (notebook.stem, preset), (folder, done.stderr[-4000:] if done.returncode else None)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(pool.map(run, jobs))
+
+
+@pytest.mark.parametrize("preset", SMOKE_PRESETS)
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_smoke(notebook: Path, preset, tmp_path, monkeypatch, request):
-    import papermill
-    if preset != "toy":
-        preset = request.getfixturevalue("gemma2_standin")
-    monkeypatch.setenv("TVLIB_FIGURES_DIR", str(tmp_path / "figures"))
-    monkeypatch.setenv("TVLIB_CACHE_DIR", str(tmp_path / "cache"))
-    papermill.execute_notebook(str(notebook), str(tmp_path / notebook.name),
-                               parameters={"SMOKE": True, "PRESET": preset}, kernel_name="python3",
-                               progress_bar=False, cwd=str(REPO_ROOT / "notebooks"))
+def test_notebook_smoke(notebook: Path, preset, smoke_runs):
+    folder, error = smoke_runs[(notebook.stem, preset)]
+    assert error is None, error
     for suffix in ("png", "pdf"):   # "{stem}.png", or "{stem}_{part}.png" for several
-        figures = list((tmp_path / "figures" / "smoke").glob(f"{notebook.stem}*.{suffix}"))
+        figures = list((folder / "figures" / "smoke").glob(f"{notebook.stem}*.{suffix}"))
         assert figures and all(f.stat().st_size > 1000 for f in figures)
     # a smoke run never writes where the full run's figures live
-    assert [p.name for p in (tmp_path / "figures").iterdir()] == ["smoke"]
+    assert [p.name for p in (folder / "figures").iterdir()] == ["smoke"]
     # results were written to the cache as they were computed
-    tables = list((tmp_path / "cache").rglob("*.parquet"))
+    tables = list((folder / "cache").rglob("*.parquet"))
     assert tables
-    check_outputs(tmp_path / notebook.name)
+    check_outputs(folder / notebook.name)
 
 
 def check_outputs(executed: Path) -> None:

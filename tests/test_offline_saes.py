@@ -3,6 +3,7 @@ the card's measurements, and the build that writes them beside a preset."""
 
 import dataclasses
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -219,6 +220,25 @@ def test_the_loss_change_equals_a_direct_computation(toy_lm):
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), rows[:, 1:], reduction="none")
     scored = mask[:, :-1] & mask[:, 1:]
     assert got["loss_mean_ablated"] == pytest.approx(nll[scored].mean().item(), rel=1e-5)
+    assert got["delta_loss_se"] == pytest.approx(0, abs=1e-5)       # the SAE is exact
+
+
+def test_the_standard_error_of_a_per_token_mean_over_rows():
+    from tvlib.sae_training import ratio_se
+    row_means = torch.tensor([0.2, 0.9, 0.4, 1.3, 0.7])
+    equal = ratio_se(row_means * 10, torch.full((5,), 10.0))
+    assert equal == pytest.approx((row_means.double().std() / 5 ** 0.5).item())
+    # a row without scored tokens is not a sample; one row has no spread to measure
+    assert ratio_se(torch.cat([row_means * 10, torch.zeros(1)]),
+                    torch.cat([torch.full((5,), 10.0), torch.zeros(1)])) == pytest.approx(equal)
+    assert math.isnan(ratio_se(torch.tensor([3.0]), torch.tensor([4.0])))
+    # unequal rows: a bootstrap over rows agrees with the delta method
+    g = torch.Generator().manual_seed(0)
+    counts = torch.randint(20, 120, (200,), generator=g).double()
+    sums = counts * torch.rand(200, generator=g, dtype=torch.float64) * 2
+    draws = torch.randint(0, 200, (4000, 200), generator=g)
+    boot = sums[draws].sum(1) / counts[draws].sum(1)
+    assert ratio_se(sums, counts) == pytest.approx(boot.std().item(), rel=0.1)
 
 
 def test_trained_sae_learns_and_round_trips_through_its_folder(tmp_path, toy_lm):
@@ -457,11 +477,9 @@ def test_tokens_to_target_extrapolates_a_line_in_log_tokens():
     assert tokens_to_target(flat, "prose") is None
 
 
-def test_a_curve_is_added_to_a_built_card_on_its_own_heldout_sets(tmp_path):
-    """add_curve trains the card's setting on nested prefixes of the training tokens and
-    measures them on the card's held-out sets (the same clean loss), writes the table,
-    the figure and the shortfall into the card, and says so where its corpus is another."""
-    from tvlib.offline_saes import CURVE_FIGURE, add_curve
+def built_standin(tmp_path):
+    """A Gemma 3 stand-in's SAEs built on a tiny budget: (folder, preset, texts, prose,
+    cfg, the build's keyword arguments, card)."""
     folder = tmp_path / "standin"
     preset = make_standin("gemma-3-270m-offline", folder)
     texts = json.loads((TOY_DIR / "corpus.json").read_text(encoding="utf-8"))
@@ -472,6 +490,15 @@ def test_a_curve_is_added_to_a_built_card_on_its_own_heldout_sets(tmp_path):
                       heldout_rows=12, loss_rows=4, corpus_texts=3, sweep=())
     quiet = dict(cache_dir=tmp_path / "cache", prose=prose, log=lambda _: None)
     card = build(str(folder), cfg, **quiet)
+    return folder, preset, texts, prose, cfg, quiet, card
+
+
+def test_a_curve_is_added_to_a_built_card_on_its_own_heldout_sets(tmp_path):
+    """add_curve trains the card's setting on nested prefixes of the training tokens and
+    measures them on the card's held-out sets (the same clean loss), writes the table,
+    the figure and the shortfall into the card, and says so where its corpus is another."""
+    from tvlib.offline_saes import CURVE_FIGURE, add_curve
+    folder, preset, texts, prose, cfg, quiet, card = built_standin(tmp_path)
     curve_cfg = dataclasses.replace(cfg, train_tokens=3000, curve_tokens=(2000, 500, 1000))
     with_curve = add_curve(str(folder), curve_cfg, **quiet)
     [curve] = with_curve["curves"]
@@ -594,3 +621,35 @@ def test_the_replaced_saes_are_the_outputs_not_the_presets(tmp_path):
     assert _previous_saes(preset, layers, out / "saes", messages.append) == {}
     [message] = messages
     assert str(out / "saes") in message and "cfg.json is broken" in message
+
+
+def test_the_loss_is_checked_again_on_more_heldout_rows_of_the_card(tmp_path):
+    """check_loss measures the built SAEs on the card's held-out sets: on the build's own
+    rows it gives the card's numbers, on all rows a standard error beside them; it refuses
+    SAEs or a corpus that are not the card's."""
+    from tvlib.offline_saes import check_loss
+    folder, preset, texts, prose, cfg, quiet, card = built_standin(tmp_path)
+    same = check_loss(str(folder), loss_rows=4, **quiet)["loss_check"]
+    for row in card["saes"]:
+        for name in ("model-written", "prose"):
+            m = same["measured"][row["layer"]][name]
+            assert m["delta_loss"] == pytest.approx(row[name]["delta_loss"], abs=1e-6)
+            assert m["delta_loss_se"] > 0
+    every = check_loss(str(folder), **quiet)
+    assert every["loss_check"]["rows"] == card["corpus"]["heldout_rows"]
+    assert every["saes"] == card["saes"]                       # the table is left as it was
+    assert "loss_check" in json.loads((folder / "card.json").read_text())
+    text = (folder / "MODEL_CARD.md").read_text()
+    assert "### Δ loss on more held-out rows" in text and " ± " in text
+    with pytest.raises(ValueError, match="corpus built here .* is not the card's"):
+        check_loss(str(folder), cache_dir=tmp_path / "cache",
+                   prose={**prose, "facts": texts[:299]}, log=lambda _: None)
+    layer = preset.resid_pre_layers_with_sae()[0]
+    record = folder / "saes" / preset.sae_id.format(layer=layer - 1) / "training.json"
+    edited = json.loads(record.read_text())
+    edited["card"]["seed"] += 1
+    record.write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match="is not the one .*card.json describes"):
+        check_loss(str(folder), **quiet)
+    with pytest.raises(ValueError, match="loss_rows=1"):
+        check_loss(str(folder), loss_rows=1, **quiet)

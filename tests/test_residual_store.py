@@ -53,6 +53,23 @@ def test_recorded_residuals_are_the_models_hidden_states(tmp_path, toy_lm, word_
         read_layer(folder, 3, limit=0)
 
 
+def test_a_chunk_of_the_wrong_shape_is_refused_by_full_and_partial_reads(
+        tmp_path, toy_lm, word_tokenizer):
+    from safetensors.torch import load_file, save_file
+    rows, mask = text_rows(word_tokenizer, TEXTS, length=24)
+    folder = record(toy_lm, rows, mask, [3], tmp_path, batch_size=5, chunk_rows=7,
+                    progress=False)
+    first = folder / "chunk_00000.safetensors"
+    resid = load_file(first)["resid_3"]                       # (tokens, 128)
+    save_file({"resid_3": resid[:, :64].contiguous()}, first)  # another model's width
+    for limit in (None, 1):
+        with pytest.raises(ValueError, match="delete the folder and record again"):
+            read_layer(folder, 3, limit=limit)
+    save_file({"resid_3": resid[:-1].contiguous()}, first)     # a token short
+    with pytest.raises(ValueError, match="delete the folder and record again"):
+        read_layer(folder, 3)
+
+
 def test_an_interrupted_recording_resumes_and_damaged_chunks_are_recorded_again(
         tmp_path, toy_lm, word_tokenizer, monkeypatch):
     rows, mask = text_rows(word_tokenizer, TEXTS, length=24)

@@ -621,27 +621,12 @@ def add_curve(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = Buil
     the curve records its own SHA-256 and held-out sizes and the card says so beside it.
     A curve with the same count of texts and setting is replaced; others are kept. The
     SAEs are left as they are."""
-    preset = get_preset(preset_name)
-    out_dir = Path(out_dir) if out_dir is not None else Path(preset.sae_dir).parent
-    card_path = out_dir / "card.json"
-    if not card_path.is_file():
-        raise FileNotFoundError(f"no card.json in {out_dir}: build the SAEs first "
-                                "(python -m tvlib.offline_saes)")
-    card = json.loads(card_path.read_text())
     if not cfg.curve_tokens:
         raise ValueError("curve_tokens=(): pass the training-token counts of the curve")
     check_curve_tokens(cfg)
-    if card["preset"] != preset.name:
-        raise ValueError(f"{card_path} describes {card['preset']!r}, not {preset.name!r}")
+    preset, out_dir, card = _built_card(preset_name, out_dir)
     built = card["build"]
-    same = {key: built[key] for key in ("max_share", "heldout_fraction", "context",
-                                        "heldout_rows", "loss_rows", "seed", "model_share")}
-    same["prose_sources"] = tuple(built["prose_sources"]) if built["prose_sources"] else None
-    generation = GenerationConfig(**{k: v for k, v in built["generation"].items()
-                                     if k in GenerationConfig.__dataclass_fields__})
-    if model_texts is not None:
-        generation = dataclasses.replace(generation, n_texts=model_texts)
-    cfg = dataclasses.replace(cfg, generation=generation, **same)
+    cfg = _card_recipe(card, cfg, model_texts)
     prepared = prepare(preset, cfg, cache_dir, device, prose, log, out_dir / SHIPPED_TEXTS,
                        prose_records)
     if prepared.mix["sha256"] != card["corpus"]["sha256"]:
@@ -658,6 +643,95 @@ def add_curve(preset_name: str = "gemma-3-270m-offline", cfg: BuildConfig = Buil
     save_curve_figure(card["curves"], out_dir, preset.name)
     rendered = render_card(card, prepared.heldout_texts)
     write_atomic(out_dir / "MODEL_CARD.md", lambda tmp: tmp.write_text(rendered))
+    return card
+
+
+def _built_card(preset_name: str, out_dir: Path | None) -> tuple:
+    """(preset, output folder, its card) of SAEs already built; refused without a card of
+    that preset."""
+    preset = get_preset(preset_name)
+    out_dir = Path(out_dir) if out_dir is not None else Path(preset.sae_dir).parent
+    card_path = out_dir / "card.json"
+    if not card_path.is_file():
+        raise FileNotFoundError(f"no card.json in {out_dir}: build the SAEs first "
+                                "(python -m tvlib.offline_saes)")
+    card = json.loads(card_path.read_text())
+    if card["preset"] != preset.name:
+        raise ValueError(f"{card_path} describes {card['preset']!r}, not {preset.name!r}")
+    return preset, out_dir, card
+
+
+def _card_recipe(card: dict, cfg: BuildConfig, model_texts: int | None = None) -> BuildConfig:
+    """``cfg`` with the card's corpus recipe and held-out sets (``model_texts``: another
+    count of model-written texts)."""
+    built = card["build"]
+    same = {key: built[key] for key in ("max_share", "heldout_fraction", "context",
+                                        "heldout_rows", "loss_rows", "seed", "model_share")}
+    same["prose_sources"] = tuple(built["prose_sources"]) if built["prose_sources"] else None
+    generation = GenerationConfig(**{k: v for k, v in built["generation"].items()
+                                     if k in GenerationConfig.__dataclass_fields__})
+    if model_texts is not None:
+        generation = dataclasses.replace(generation, n_texts=model_texts)
+    return dataclasses.replace(cfg, generation=generation, **same)
+
+
+def check_loss(preset_name: str = "gemma-3-270m-offline", out_dir: Path | None = None,
+               cache_dir: Path = REPO_ROOT / ".cache", device: str = "cpu",
+               loss_rows: int | None = None, prose: dict[str, list[str]] | None = None,
+               log=print, prose_records: list[dict] | None = None) -> dict:
+    """The loss change of the SAEs built in ``out_dir`` measured again on ``loss_rows``
+    rows of each of the card's held-out sets (None: every row the card measured FVU on),
+    with its standard error over rows, added to the card (``loss_check``; written after
+    each set). The card's table scores ``loss_rows`` of the build (48 by default), too few
+    to place a Δ loss near a target. Refused where the corpus built here or the SAEs in
+    place are not the card's."""
+    from .saes import load_sae
+
+    preset, out_dir, card = _built_card(preset_name, out_dir)
+    card_path = out_dir / "card.json"
+    cfg = _card_recipe(card, BuildConfig(train_tokens=card["build"]["train_tokens"]))
+    if loss_rows is not None and loss_rows < 2:
+        raise ValueError(f"loss_rows={loss_rows!r}: pass at least 2 rows (a standard error "
+                         "needs two), or None for every held-out row")
+    in_place = dataclasses.replace(preset, sae_dir=str(out_dir / "saes"))
+    saes = {}
+    for row in card["saes"]:
+        layer = row["layer"]
+        folder = out_dir / "saes" / preset.sae_id.format(layer=layer - 1)
+        record = folder / "training.json"
+        if not record.is_file() or json.loads(record.read_text()).get("card") != row:
+            raise ValueError(f"the SAE in {folder} is not the one {card_path} describes: "
+                             "build again (python -m tvlib.offline_saes) so card and SAEs agree")
+        saes[layer] = load_sae(in_place, layer, device="cpu")
+    prepared = prepare(preset, cfg, cache_dir, device, prose, log, out_dir / SHIPPED_TEXTS,
+                       prose_records)
+    if prepared.mix["sha256"] != card["corpus"]["sha256"]:
+        raise ValueError(f"the corpus built here ({prepared.mix['sha256'][:12]}) is not the "
+                         f"card's ({card['corpus']['sha256'][:12]}), so neither are its "
+                         "held-out sets: check on the machine and cache that built the card")
+    means = {layer: read_layer(prepared.stores["train"], layer).mean(0, dtype=torch.float32)
+             for layer in saes}
+    check = {"loss_rows": loss_rows, "rows": {}, "tokens": {},
+             "measured": {layer: {} for layer in saes}, "seconds": {}}
+    for name in HELDOUT_SETS:
+        rows, mask = prepared.heldout_rows[name]
+        rows, mask = rows[:loss_rows], mask[:loss_rows]
+        t = time.time()
+        losses = loss_change(prepared.lm, saes, rows, mask, means)
+        check["rows"][name] = int(rows.shape[0])
+        check["tokens"][name] = int((mask[:, :-1] & mask[:, 1:]).sum())   # scored
+        check["seconds"][name] = round(time.time() - t, 1)
+        for layer in saes:
+            check["measured"][layer][name] = losses[layer]
+            m = losses[layer]
+            log(f"resid_pre {layer} {name}: Δ loss {m['delta_loss']:+.3f} ± "
+                f"{m['delta_loss_se']:.3f} recovered {m['recovered']:.3f} on "
+                f"{check['rows'][name]} rows")
+        card["loss_check"] = check
+        text = json.dumps(card, indent=2) + "\n"
+        write_atomic(card_path, lambda tmp: tmp.write_text(text))
+        rendered = render_card(card, prepared.heldout_texts)
+        write_atomic(out_dir / "MODEL_CARD.md", lambda tmp: tmp.write_text(rendered))
     return card
 
 
@@ -866,6 +940,7 @@ def render_card(card: dict, heldout_texts: dict[str, list[str]]) -> str:
         "(mean ablation); recovered = (mean-ablated - SAE) / (mean-ablated - clean). "
         "Targets: Δ loss <= 0.5 nats, recovered >= 0.9, FVU <= 0.15, dead <= 10%.", ""]
     lines += _table(card["saes"])
+    lines += _loss_check_lines(card)
     if card.get("sweep"):
         first = card["sweep"][0]
         lines += ["", "## Sweep", "",
@@ -918,6 +993,34 @@ def tokens_to_target(rows: list[dict], heldout: str, points: int = 3) -> float |
     if slope >= 0:
         return None
     return 2 ** (mx + (TARGETS["delta_loss"] - my) / slope)
+
+
+def _loss_check_lines(card: dict) -> list[str]:
+    """The card's loss change measured again on more held-out rows (``check_loss``)."""
+    check = card.get("loss_check")
+    if not check:
+        return []
+    table = {row["layer"]: row for row in card["saes"]}
+    sizes = ", ".join(f"{n}: {check['rows'][n]} rows, {check['tokens'][n]} scored tokens"
+                      for n in HELDOUT_SETS if n in check["rows"])
+    lines = ["", "### Δ loss on more held-out rows", "",
+             f"The loss change of these SAEs measured again on more rows of the same held-out "
+             f"sets ({sizes}; `python -m tvlib.offline_saes --check-loss`), with its standard "
+             "error over rows (a text's tokens are not independent samples). The table above "
+             f"scores {card['build']['loss_rows']} rows of each set.", "",
+             "| resid_pre | held-out | rows | Δ loss ± se | recovered | Δ loss in the table | "
+             "Δ loss and recovered targets |", "|---|---|---|---|---|---|---|"]
+    for layer, sets in check["measured"].items():
+        for name in HELDOUT_SETS:
+            if name not in sets:
+                continue
+            m, before = sets[name], table[int(layer)][name]["delta_loss"]
+            met = (m["delta_loss"] <= TARGETS["delta_loss"]
+                   and m["recovered"] >= TARGETS["recovered"])
+            lines.append(f"| {layer} | {name} | {check['rows'][name]} | "
+                         f"{m['delta_loss']:+.3f} ± {m['delta_loss_se']:.3f} | "
+                         f"{m['recovered']:.3f} | {before:+.3f} | {'met' if met else 'missed'} |")
+    return lines
 
 
 def _curve_lines(curve: dict, card: dict) -> list[str]:
@@ -1012,6 +1115,13 @@ def main(argv=None):
     parser.add_argument("--curve-only", action="store_true",
                         help="add the --curve to the card of the SAEs already built, without "
                              "training the layers again (the corpus must be the card's)")
+    parser.add_argument("--check-loss", action="store_true",
+                        help="measure the built SAEs' loss change again on --loss-rows rows of "
+                             "each of the card's held-out sets, with standard errors, and add "
+                             "it to the card")
+    parser.add_argument("--loss-rows", type=int, default=None,
+                        help="with --check-loss: rows of each held-out set (default: all the "
+                             "card measured)")
     parser.add_argument("--texts-only", action="store_true",
                         help="sample --texts model-written texts (reading those shipped or "
                              "cached), ship them to the output folder's generated/, and stop")
@@ -1036,7 +1146,10 @@ def main(argv=None):
 
     prose, records = (prose_text.read_bundle(args.prose_bundle) if args.prose_bundle
                       else (None, None))
-    if args.texts_only:
+    if args.check_loss:
+        check_loss(args.preset, args.out, cache_dir=args.cache, device=args.device,
+                   loss_rows=args.loss_rows, prose=prose, prose_records=records)
+    elif args.texts_only:
         ship_texts(args.preset, cfg, args.out, cache_dir=args.cache, device=args.device)
     elif args.curve_only:
         add_curve(args.preset, cfg, args.out, cache_dir=args.cache, device=args.device,

@@ -226,17 +226,24 @@ def read_layer(folder: Path, layer: int, limit: int | None = None) -> torch.Tens
                          f"{manifest['layers']}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit={limit!r}: pass a positive number of residuals, or None")
-    paths = [_chunk_path(folder, c) for c in range(manifest["n_chunks"])]
+    def damaged(shape) -> ValueError:
+        return ValueError(f"{folder} holds {tuple(shape)} residuals of resid_pre {layer}, its "
+                          f"manifest {manifest['n_tokens']} x {manifest['d_model']}: delete the "
+                          "folder and record again")
+
     parts, count = [], 0
-    for path in paths:
-        with safe_open(str(path), "pt") as f:
-            parts.append(f.get_tensor(f"resid_{layer}"))
-        count += parts[-1].shape[0]
+    for chunk in range(manifest["n_chunks"]):
+        with safe_open(str(_chunk_path(folder, chunk)), "pt") as f:
+            part = f.get_tensor(f"resid_{layer}")     # (tokens of the chunk, d)
+        # each chunk is checked as read, so a partial read is refused like a full one
+        if part.ndim != 2 or part.shape[1] != manifest["d_model"]:
+            raise damaged((count + part.shape[0], *part.shape[1:]))
+        parts.append(part)
+        count += part.shape[0]
+        if count > manifest["n_tokens"]:
+            raise damaged((count, manifest["d_model"]))
         if limit is not None and count >= limit:
             return torch.cat(parts)[:limit]
-    resid = torch.cat(parts)
-    if resid.shape != (manifest["n_tokens"], manifest["d_model"]):
-        raise ValueError(f"{folder} holds {tuple(resid.shape)} residuals of resid_pre {layer}, "
-                         f"its manifest {manifest['n_tokens']} x {manifest['d_model']}: delete "
-                         "the folder and record again")
-    return resid
+    if count != manifest["n_tokens"]:
+        raise damaged((count, manifest["d_model"]))
+    return torch.cat(parts)

@@ -210,8 +210,9 @@ def loss_change(lm, saes: dict, rows: torch.Tensor, mask: torch.Tensor,
     (N, T) marks the recorded tokens (``residual_store.text_rows``): their residuals are
     replaced, and each next token that is also recorded is scored.
     Per layer: the mean loss clean, spliced, mean-ablated; ``delta_loss`` (spliced -
-    clean) and ``recovered``, the fraction of the mean-ablation gap the SAE keeps:
-    (mean-ablated - spliced) / (mean-ablated - clean).
+    clean) with ``delta_loss_se``, its standard error over the rows, and ``recovered``,
+    the fraction of the mean-ablation gap the SAE keeps: (mean-ablated - spliced) /
+    (mean-ablated - clean).
     """
     from .interventions import check_batch_size
     from .models import resid_pre, trace
@@ -247,13 +248,34 @@ def loss_change(lm, saes: dict, rows: torch.Tensor, mask: torch.Tensor,
                 nll = torch.nn.functional.cross_entropy(
                     logits.float().transpose(1, 2), targets.to(logits.device),
                     reduction="none").save()                              # (B, T - 1)
-            losses[(kind, layer)].append(nll.cpu()[scored[start:start + batch_size]])
-    mean = {run: torch.cat(values).mean().item() for run, values in losses.items()}
+            row_scored = scored[start:start + batch_size]
+            losses[(kind, layer)].append((nll.cpu().double() * row_scored).sum(1))  # (B,)
+    counts = scored.sum(1).double()                                  # (N,) tokens per row
+    sums = {run: torch.cat(values) for run, values in losses.items()}   # (N,) nats per row
+    mean = {run: (row_sums.sum() / counts.sum()).item() for run, row_sums in sums.items()}
     clean = mean[("clean", None)]
     results = {}
     for layer in saes:
         spliced, ablated = mean[("sae", layer)], mean[("mean", layer)]
         results[layer] = {"loss_clean": clean, "loss_sae": spliced, "loss_mean_ablated": ablated,
                           "delta_loss": spliced - clean,
+                          "delta_loss_se": ratio_se(sums[("sae", layer)] - sums[("clean", None)],
+                                                    counts),
                           "recovered": (ablated - spliced) / (ablated - clean)}
     return results
+
+
+def ratio_se(sums: torch.Tensor, counts: torch.Tensor) -> float:
+    """Standard error of sum(sums) / sum(counts), a per-token mean over rows of unequal
+    length, with the rows as the sampled units (tokens of one text are not independent):
+    the delta method's sqrt(N / (N - 1) * sum((s_i - mean * n_i)^2)) / sum(n_i). With
+    equal counts it is the standard deviation of the row means over sqrt(N). Rows with
+    no count are left out; NaN where fewer than two remain."""
+    kept = counts > 0
+    sums, counts = sums[kept].double(), counts[kept].double()       # (N,), (N,)
+    n = sums.shape[0]
+    if n < 2:
+        return float("nan")
+    mean = sums.sum() / counts.sum()
+    spread = ((sums - mean * counts) ** 2).sum() * n / (n - 1)
+    return (spread.sqrt() / counts.sum()).item()
