@@ -679,10 +679,11 @@ def check_loss(preset_name: str = "gemma-3-270m-offline", out_dir: Path | None =
                cache_dir: Path = REPO_ROOT / ".cache", device: str = "cpu",
                loss_rows: int | None = None, prose: dict[str, list[str]] | None = None,
                log=print, prose_records: list[dict] | None = None) -> dict:
-    """The loss change of the SAEs built in ``out_dir`` measured again on ``loss_rows``
-    rows of each of the card's held-out sets (None: every row the card measured FVU on),
-    with its standard error over rows, added to the card (``loss_check``; written after
-    each set). The card's table scores ``loss_rows`` of the build (48 by default), too few
+    """The loss change of the SAEs built in ``out_dir`` measured again on the first
+    ``loss_rows`` rows of each of the card's held-out sets, or all of a set's rows where it
+    has fewer, as the build does (None: every row the card measured FVU on; the rows each
+    set gave are recorded), with its standard error over rows, added to the card
+    (``loss_check``; written after each set). The card's table scores ``loss_rows`` of the build (48 by default), too few
     to place a Δ loss near a target. Refused where the corpus built here or the SAEs in
     place are not the card's."""
     from .saes import load_sae
